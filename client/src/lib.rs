@@ -1,0 +1,1 @@
+//! API request and response types shared by the daemon and tilectl.

@@ -1,0 +1,2 @@
+//! `tilectl`, the TileFlow admin CLI.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Block storage: the tile read interface and its backends.
