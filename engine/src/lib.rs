@@ -1,1 +1,7 @@
-//! The TileFlow engine.
+//! The TileFlow engine: model specs, tile packs, tokenizer, sampler, the batched forward pass
+//! over a `Backend`, and the tier cache that streams routed experts.
+
+pub mod dtype;
+pub mod pack;
+pub mod rope;
+pub mod spec;
