@@ -1,0 +1,166 @@
+//! Command-line definition of `tilectl`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// TileFlow admin CLI: manage models in the store, run generations, inspect the daemon.
+#[derive(Debug, Parser)]
+#[command(name = "tilectl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// State directory holding the model store (default: /var/lib/tileflow as root, else
+    /// $XDG_DATA_HOME/tileflow).
+    #[arg(long, global = true, env = "TILEFLOW_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage models in the store.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Generate text from a stored model, offline, on the CPU backend.
+    Run(RunArgs),
+    /// Synthesize the `tiny` model (once) and generate from it: the whole path, no download.
+    Demo(DemoArgs),
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages into a directory.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}
+
+/// `tilectl model …`.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Import a Hugging Face checkpoint directory as a tile pack.
+    Import(ImportArgs),
+    /// Make a random-weight model of a real shape.
+    Synth(SynthArgs),
+    /// List stored models.
+    #[command(alias = "ls")]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one model's spec and pack.
+    Show {
+        /// Model name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove models.
+    Rm {
+        /// Model names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// `tilectl model import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    pub dir: PathBuf,
+    /// Name in the store (default: the directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `tilectl model synth`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("dest").required(true).args(["out", "name"]))]
+pub struct SynthArgs {
+    /// Preset: tiny, olmoe-1b-7b, qwen3-30b-a3b, qwen2-moe-a2.7b, mixtral-8x7b.
+    #[arg(long)]
+    pub preset: String,
+    /// Write a Hugging Face checkpoint here.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Write a tile pack into the store under this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Zipf exponent of expert popularity per layer (0 = uniform).
+    #[arg(long, default_value_t = 0.0)]
+    pub route_skew: f64,
+}
+
+/// Sampling and cache options shared by `run` and `demo`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Routed-expert slots in memory (default: every expert resident).
+    #[arg(long)]
+    pub expert_slots: Option<usize>,
+    /// Print the result as JSON (tokens, logprobs, timings).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tilectl run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model name in the store.
+    pub model: String,
+    /// Prompt text.
+    #[arg(long, short)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+}
+
+/// `tilectl demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Prompt text.
+    #[arg(long, short, default_value = "The tile streams from disk to the GPU and")]
+    pub prompt: String,
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+}
+
+/// Prints completions for `shell` to stdout.
+pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    clap_complete::generate(shell, &mut Cli::command(), "tilectl", &mut std::io::stdout());
+    Ok(())
+}
+
+/// Writes `tilectl.1` and one page per subcommand into `dir`.
+pub fn man(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir).with_context(|| format!("cannot write man pages into {}", dir.display()))
+}
