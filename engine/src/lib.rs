@@ -4,4 +4,5 @@
 pub mod dtype;
 pub mod pack;
 pub mod rope;
+pub mod safetensors_io;
 pub mod spec;
