@@ -6,3 +6,5 @@ pub mod pack;
 pub mod rope;
 pub mod safetensors_io;
 pub mod spec;
+pub mod store;
+pub mod tier;

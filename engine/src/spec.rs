@@ -444,6 +444,13 @@ impl Config<'_> {
             Family::Mixtral => ("num_local_experts", "num_experts_per_tok"),
             _ => ("num_experts", "num_experts_per_tok"),
         };
+        // transformers 5 writes `num_local_experts` for every family; the hub's Qwen and OLMoE
+        // configs say `num_experts`.
+        let experts_field = if self.get(experts_field).is_none() && self.get("num_local_experts").is_some() {
+            "num_local_experts"
+        } else {
+            experts_field
+        };
         let num_experts = self.positive(experts_field)?;
         let top_k = self.positive(topk_field)?;
         if top_k > num_experts {

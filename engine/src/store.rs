@@ -49,7 +49,7 @@ pub enum StoreError {
     Manifest(#[from] ManifestError),
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { what, path: path.display().to_string(), source }
 }
 

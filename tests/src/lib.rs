@@ -1,1 +1,73 @@
 //! Helpers for the end-to-end tests, which start the real binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A golden fixture directory (`tests/fixtures/<family>`).
+pub fn fixture(family: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(family)
+}
+
+/// The fixture families.
+pub const FAMILIES: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+
+/// Path of a workspace binary built beside the running test executable.
+///
+/// `cargo test --workspace` builds every member's binaries before running tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found; build the workspace first (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// The result of running `tilectl`.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status was zero.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `tilectl --state-dir STATE ARGS…`.
+pub fn tilectl(state: &Path, args: &[&str]) -> Run {
+    Command::new(bin("tilectl"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env_remove("TILEFLOW_STATE_DIR")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start tilectl: {e}"))
+        .into()
+}
+
+/// Runs `tilectl` and panics with its output if it failed.
+pub fn tilectl_ok(state: &Path, args: &[&str]) -> Run {
+    let run = tilectl(state, args);
+    assert!(run.ok, "tilectl {args:?} failed:\n{}\n{}", run.stdout, run.stderr);
+    run
+}

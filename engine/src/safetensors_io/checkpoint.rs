@@ -209,6 +209,32 @@ impl Checkpoint {
             })
     }
 
+    /// Reads `buf.len()` bytes starting `at` bytes into a tensor's data (one expert of a fused
+    /// 3-D tensor, say).
+    pub fn read_range(&self, info: &TensorInfo, at: u64, buf: &mut [u8]) -> Result<(), SafetensorsError> {
+        let len = buf.len() as u64;
+        if at.checked_add(len).is_none_or(|end| end > info.len) {
+            return Err(SafetensorsError::BufferLength {
+                tensor: info.name.clone(),
+                expected: info.len.saturating_sub(at),
+                actual: buf.len(),
+            });
+        }
+        let source = self
+            .sources
+            .get(&info.file)
+            .ok_or_else(|| SafetensorsError::ForeignFile {
+                tensor: info.name.clone(),
+                file: info.file.clone(),
+            })?;
+        source
+            .read_at(info.offset + at, buf)
+            .map_err(|source| SafetensorsError::ReadTensor {
+                tensor: info.name.clone(),
+                source,
+            })
+    }
+
     /// Reads one tensor and converts it to f32 (exact for F32, F16 and BF16).
     pub fn read_f32(&self, info: &TensorInfo) -> Result<Vec<f32>, SafetensorsError> {
         Ok(convert_to_f32(info.dtype, &self.read_raw(info)?))
