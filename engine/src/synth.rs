@@ -90,6 +90,8 @@ pub struct Synth {
     seed: u64,
     route_skew: f64,
     dtype: Dtype,
+    /// Router row scales by popularity rank, calibrated once.
+    rank_scales: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl Synth {
@@ -109,7 +111,15 @@ impl Synth {
         config["eos_token_id"] = json!(eos);
         config["bos_token_id"] = Value::Null;
         let spec = ModelSpec { eos_token_ids: vec![eos as u32], ..spec };
-        Ok(Synth { preset: preset.to_string(), config, spec, seed, route_skew, dtype: Dtype::BF16 })
+        Ok(Synth {
+            preset: preset.to_string(),
+            config,
+            spec,
+            seed,
+            route_skew,
+            dtype: Dtype::BF16,
+            rank_scales: std::sync::OnceLock::new(),
+        })
     }
 
     /// Writes a hub-layout checkpoint (sharded safetensors with an index, config.json,
@@ -214,15 +224,63 @@ impl Synth {
         }
     }
 
-    /// Router rows scaled so that expert e's logits have spread proportional to a Zipf weight:
-    /// experts with wider logits win top-k more often. 0 keeps all rows alike.
-    fn router_scale(&self, expert: usize) -> f32 {
-        let e = self.spec.moe.num_experts as f64;
-        let rank = ((expert as u64).wrapping_mul(0x9E37_79B9) % self.spec.moe.num_experts as u64) as f64 + 1.0;
-        let w = (1.0 / rank).powf(self.route_skew);
-        let mean: f64 = (1..=e as usize).map(|r| (1.0 / r as f64).powf(self.route_skew)).sum::<f64>() / e;
-        (w / mean).sqrt() as f32
+    /// Per-expert scale of layer `layer`'s router rows.
+    ///
+    /// A router row with a larger norm spreads that expert's logits wider, so it wins top-k more
+    /// often. The scales are calibrated (Monte Carlo over isotropic hidden states, which is what
+    /// RMSNorm'd random activations look like) so that the probability of expert e being picked
+    /// follows Zipf: ∝ 1 / rank(e)^route_skew, with ranks shuffled per layer.
+    fn router_scales(&self, layer: usize) -> Vec<f32> {
+        let (e, k) = (self.spec.moe.num_experts, self.spec.moe.top_k);
+        let mut rank: Vec<usize> = (0..e).collect();
+        let mut s = splitmix(self.seed ^ 0x5EED ^ (layer as u64) << 32);
+        for i in (1..e).rev() {
+            s = splitmix(s);
+            rank.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        let by_rank = self.rank_scales.get_or_init(|| {
+            let weights: Vec<f64> = (0..e).map(|r| (1.0 / (r as f64 + 1.0)).powf(self.route_skew)).collect();
+            let total: f64 = weights.iter().sum();
+            let target: Vec<f64> = weights.iter().map(|w| (w / total * k as f64).min(0.995)).collect();
+            zipf_scales(&target, k, self.seed)
+        });
+        rank.iter().map(|&r| by_rank[r]).collect()
     }
+}
+
+/// Scales σ_e such that expert e is in the top-k of independent N(0, σ_e²) logits with
+/// probability `target[e]` (fixed-point iteration on Monte Carlo frequencies).
+fn zipf_scales(target: &[f64], k: usize, seed: u64) -> Vec<f32> {
+    const SAMPLES: usize = 4000;
+    let e = target.len();
+    let mut sigma = vec![1f64; e];
+    let mut z = vec![0f64; e];
+    let mut order: Vec<usize> = (0..e).collect();
+    for round in 0..40u64 {
+        let mut hits = vec![0usize; e];
+        let mut s = splitmix(seed ^ round);
+        for _ in 0..SAMPLES {
+            for (zi, sg) in z.iter_mut().zip(&sigma) {
+                // Box-Muller from two uniforms.
+                s = splitmix(s);
+                let u1 = ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                s = splitmix(s);
+                let u2 = (s >> 11) as f64 / (1u64 << 53) as f64;
+                *zi = sg * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            }
+            order.select_nth_unstable_by(k - 1, |&a, &b| z[b].total_cmp(&z[a]));
+            for &i in &order[..k] {
+                hits[i] += 1;
+            }
+        }
+        for i in 0..e {
+            let freq = (hits[i] as f64 + 0.5) / SAMPLES as f64;
+            sigma[i] *= (target[i] / freq).powf(0.5);
+        }
+        let mean_log = sigma.iter().map(|v| v.ln()).sum::<f64>() / e as f64;
+        sigma.iter_mut().for_each(|v| *v /= mean_log.exp());
+    }
+    sigma.into_iter().map(|v| v as f32).collect()
 }
 
 fn splitmix(x: u64) -> u64 {
@@ -275,9 +333,11 @@ impl PackSource for Synth {
         if name == "model.embed_tokens.weight" {
             self.fill(self.stream(name), 1.0, &mut out);
         } else if name.ends_with(".gate.weight") && self.route_skew > 0.0 {
+            let layer = name.split('.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
+            let scales = self.router_scales(layer);
             let row = self.spec.hidden_size * size;
             for (e, chunk) in out.chunks_mut(row).enumerate() {
-                let a = 3f32.sqrt() / fan_in.sqrt() * 4.0 * self.router_scale(e);
+                let a = 3f32.sqrt() / fan_in.sqrt() * 4.0 * scales[e];
                 self.fill(self.stream(name) ^ e as u64, a, chunk);
             }
         } else if name.ends_with(".bias") {
