@@ -21,7 +21,7 @@ use crate::backend::{AttentionPlan, Backend, BackendError, ChunkAttention, HostM
 use crate::kv::{KvError, KvLayout, PagedKvCache, SeqId};
 use crate::rope::RopeTable;
 use crate::spec::ModelSpec;
-use crate::weights::{DenseWeights, MlpWeights, WeightsError};
+use crate::weights::{DenseWeights, MlpWeights, TensorLoader, WeightsError};
 
 /// Why a forward step (or setting one up) failed.
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +249,18 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             kv,
             pool,
         })
+    }
+
+    /// Reads the dense weights `spec` needs from `loader`, then as [`ModelRunner::new`].
+    pub fn load<L: TensorLoader>(
+        spec: ModelSpec,
+        backend: B,
+        loader: &mut L,
+        experts: P,
+        cache: KvCacheConfig,
+    ) -> Result<ModelRunner<B, P>, EngineError> {
+        let weights = DenseWeights::load(&spec, loader)?;
+        ModelRunner::new(spec, backend, weights, experts, cache)
     }
 
     /// The model's spec.

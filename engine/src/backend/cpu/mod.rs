@@ -7,14 +7,17 @@
 //! cache, a second f32 copy would triple its memory for bf16 experts and need eviction hooks,
 //! and the conversion is one streaming pass over bytes the GEMM reads anyway.
 
-use std::borrow::Cow;
+mod attention;
+mod experts;
+mod matmul;
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{AttentionPlan, Backend, BackendError, ExpertRef, ExpertWork, HostMatrix, Routing};
+use self::experts::expert_ffn;
+use self::matmul::matmul_nt;
+use super::{AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing};
 use crate::kv::KvLayout;
-use crate::pack::ProjectionExtent;
 use crate::rope::RopeTable;
 
 /// The CPU backend.
@@ -48,65 +51,8 @@ pub struct CpuKvPool {
     v: Vec<Vec<f32>>,
 }
 
-fn shape_err(op: &'static str, detail: String) -> BackendError {
+pub(super) fn shape_err(op: &'static str, detail: String) -> BackendError {
     BackendError::Shape { op, detail }
-}
-
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, row-major; lengths are checked.
-fn matmul_nt(
-    x: &[f32],
-    w: &[f32],
-    (m, k, n): (usize, usize, usize),
-    out: &mut [f32],
-    parallelism: Parallelism,
-) -> Result<(), BackendError> {
-    if x.len() != m * k || w.len() != n * k || out.len() != m * n {
-        return Err(shape_err(
-            "linear",
-            format!(
-                "x {} w {} out {} do not fit m={m} k={k} n={n}",
-                x.len(),
-                w.len(),
-                out.len()
-            ),
-        ));
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return Ok(());
-    }
-    let (ki, ni) = (k as isize, n as isize);
-    // SAFETY: the lengths were checked above, so with these strides every index gemm touches
-    // lies inside its slice: dst (i, j) at i*n + j < m*n, lhs (i, l) at i*k + l < m*k and rhs
-    // (l, j) = w[j, l] at j*k + l < n*k. `out` is an exclusive borrow that aliases neither
-    // input, and read_dst = false means its old contents are never read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            ni,
-            false,
-            x.as_ptr(),
-            1,
-            ki,
-            w.as_ptr(),
-            ki,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
 }
 
 /// RMSNorm of each `w.len()`-wide group of `x`, into `out` (same length as `x`).
@@ -122,84 +68,12 @@ fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-fn silu(x: f32) -> f32 {
+pub(super) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
-}
-
-/// One projection of an expert as f32 `[rows, cols]`: borrowed when the bytes already are
-/// aligned f32, converted otherwise.
-fn projection<'a>(
-    e: &ExpertRef<'a>,
-    expert: usize,
-    name: &str,
-    p: &ProjectionExtent,
-    shape: [usize; 2],
-) -> Result<Cow<'a, [f32]>, BackendError> {
-    let layout_err = |detail: String| BackendError::ExpertLayout { expert, detail };
-    if p.shape != shape {
-        return Err(layout_err(format!(
-            "{name} has shape {:?}, expected {shape:?}",
-            p.shape
-        )));
-    }
-    let len = shape[0] * shape[1] * e.dtype.size();
-    let start = usize::try_from(p.offset).map_err(|_| layout_err(format!("{name} offset")))?;
-    let bytes = start
-        .checked_add(len)
-        .and_then(|end| e.bytes.get(start..end))
-        .ok_or_else(|| {
-            layout_err(format!(
-                "{name} at {start}+{len} is outside its {} bytes",
-                e.bytes.len()
-            ))
-        })?;
-    if e.dtype == crate::dtype::Dtype::F32 && cfg!(target_endian = "little") {
-        if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            return Ok(Cow::Borrowed(v));
-        }
-    }
-    Ok(Cow::Owned(e.dtype.to_f32(bytes)))
-}
-
-/// One expert's FFN on its rows of `x`, scaled by the combine weights: `[rows, hidden]`.
-fn expert_ffn(
-    x: &HostMatrix,
-    w: &ExpertWork<'_>,
-    parallelism: Parallelism,
-) -> Result<Vec<f32>, BackendError> {
-    let h = x.cols;
-    let inter = w.weights.gate.shape[0];
-    let gate = projection(&w.weights, w.expert, "gate", &w.weights.gate, [inter, h])?;
-    let up = projection(&w.weights, w.expert, "up", &w.weights.up, [inter, h])?;
-    let down = projection(&w.weights, w.expert, "down", &w.weights.down, [h, inter])?;
-    let n = w.rows.len();
-    let mut xs = Vec::with_capacity(n * h);
-    for &r in &w.rows {
-        if r >= x.rows {
-            return Err(shape_err(
-                "experts",
-                format!("row {r} of {} routed to expert {}", x.rows, w.expert),
-            ));
-        }
-        xs.extend_from_slice(x.row(r));
-    }
-    let mut g = vec![0.0; n * inter];
-    let mut u = vec![0.0; n * inter];
-    matmul_nt(&xs, &gate, (n, h, inter), &mut g, parallelism)?;
-    matmul_nt(&xs, &up, (n, h, inter), &mut u, parallelism)?;
-    for (gv, uv) in g.iter_mut().zip(&u) {
-        *gv = silu(*gv) * uv;
-    }
-    let mut y = xs;
-    matmul_nt(&g, &down, (n, inter, h), &mut y, parallelism)?;
-    for (row, &s) in y.chunks_exact_mut(h).zip(&w.scales) {
-        row.iter_mut().for_each(|v| *v *= s);
-    }
-    Ok(y)
 }
 
 fn same_shape(op: &'static str, a: &HostMatrix, b: &HostMatrix) -> Result<(), BackendError> {
@@ -413,7 +287,7 @@ impl Backend for CpuBackend {
         layer: usize,
         plan: &AttentionPlan,
     ) -> Result<HostMatrix, BackendError> {
-        attention(q, pool, layer, plan)
+        attention::attention(q, pool, layer, plan)
     }
 
     fn route(
@@ -552,94 +426,50 @@ fn softmax(x: &[f32]) -> Vec<f32> {
     e
 }
 
-/// Paged attention: one rayon task per (token, head).
-fn attention(
-    q: &HostMatrix,
-    pool: &CpuKvPool,
-    layer: usize,
-    plan: &AttentionPlan,
-) -> Result<HostMatrix, BackendError> {
-    let (heads, kv_heads, hd) = (plan.num_heads, plan.num_kv_heads, plan.head_dim);
-    let layout = &pool.layout;
-    if q.cols != heads * hd
-        || kv_heads == 0
-        || heads % kv_heads != 0
-        || layout.slot_width() != kv_heads * hd
-        || layer >= layout.num_layers
-    {
-        return Err(shape_err(
-            "attention",
-            format!(
-                "q [{}, {}] with {heads} heads x {hd}, {kv_heads} kv heads, layer {layer}, pool slot width {}",
-                q.rows,
-                q.cols,
-                layout.slot_width()
-            ),
-        ));
-    }
-    // Which chunk each row belongs to; every row must be covered, every position cached.
-    let bs = layout.block_size;
-    let mut row_chunk = vec![usize::MAX; q.rows];
-    for (ci, c) in plan.chunks.iter().enumerate() {
-        let last_pos = c.start_pos + c.rows;
-        if c.first_row + c.rows > q.rows || last_pos.div_ceil(bs) > c.blocks.len() {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "chunk at row {} of {} rows from position {} has {} blocks",
-                    c.first_row,
-                    c.rows,
-                    c.start_pos,
-                    c.blocks.len()
-                ),
-            ));
-        }
-        if let Some(b) = c.blocks.iter().find(|&&b| b as usize >= layout.num_blocks) {
-            return Err(shape_err(
-                "attention",
-                format!("block {b} of {}", layout.num_blocks),
-            ));
-        }
-        row_chunk[c.first_row..c.first_row + c.rows].fill(ci);
-    }
-    if let Some(r) = row_chunk.iter().position(|&c| c == usize::MAX) {
-        return Err(shape_err("attention", format!("row {r} is in no chunk")));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(rows: usize, cols: usize, f: impl Fn(usize) -> f32) -> HostMatrix {
+        HostMatrix::new(rows, cols, (0..rows * cols).map(f).collect()).unwrap()
     }
 
-    let group = heads / kv_heads;
-    let width = layout.slot_width();
-    let (kp, vp) = (&pool.k[layer], &pool.v[layer]);
-    let mut out = HostMatrix::zeros(q.rows, q.cols);
-    out.data
-        .par_chunks_mut(hd)
-        .enumerate()
-        .for_each(|(idx, o)| {
-            let (row, head) = (idx / heads, idx % heads);
-            let c = &plan.chunks[row_chunk[row]];
-            let pos = c.start_pos + (row - c.first_row);
-            let lo = plan
-                .sliding_window
-                .map_or(0, |w| (pos + 1).saturating_sub(w));
-            let qh = &q.data[row * q.cols + head * hd..][..hd];
-            let off = (head / group) * hd;
-            let slot = |j: usize| c.blocks[j / bs] as usize * bs + j % bs;
-            let mut scores: Vec<f32> = (lo..=pos)
-                .map(|j| {
-                    let k = &kp[slot(j) * width + off..][..hd];
-                    qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * plan.scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+    #[test]
+    fn linear_matches_the_definition_on_odd_shapes() {
+        let b = CpuBackend::new();
+        let x = m(3, 5, |i| (i as f32 * 0.37).sin());
+        let w = m(7, 5, |i| (i as f32 * 0.11).cos());
+        let bias = m(1, 7, |i| i as f32);
+        let y = b.linear(&x, &w, Some(&bias)).unwrap();
+        for r in 0..3 {
+            for c in 0..7 {
+                let want: f32 = (0..5).map(|k| x.row(r)[k] * w.row(c)[k]).sum::<f32>() + c as f32;
+                assert!((y.row(r)[c] - want).abs() < 1e-5);
             }
-            for (j, p) in (lo..=pos).zip(&scores) {
-                let v = &vp[slot(j) * width + off..][..hd];
-                let p = p / sum;
-                o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-            }
-        });
-    Ok(out)
+        }
+        assert!(b.linear(&x, &m(2, 4, |_| 0.0), None).is_err());
+    }
+
+    #[test]
+    fn routing_breaks_ties_to_the_lower_index_and_renormalises() {
+        let b = CpuBackend::new();
+        let logits = m(1, 4, |i| [1.0, 3.0, 1.0, 3.0][i]);
+        let r = b.route(&logits, 3, true).unwrap();
+        assert_eq!(r.experts, vec![1, 3, 0]);
+        assert!((r.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let raw = b.route(&logits, 2, false).unwrap();
+        assert!((raw.weights[0] - 3f32.exp() / (2.0 * 3f32.exp() + 2.0 * 1f32.exp())).abs() < 1e-6);
+        assert!(b.route(&logits, 5, true).is_err());
+    }
+
+    #[test]
+    fn rms_norm_groups_by_weight_width() {
+        let b = CpuBackend::new();
+        let x = m(1, 4, |i| [1.0, 1.0, 2.0, 2.0][i]);
+        let per_head = b.rms_norm(&x, &m(1, 2, |_| 1.0), 0.0).unwrap();
+        assert_eq!(per_head.data, vec![1.0, 1.0, 1.0, 1.0]);
+        let whole = b.rms_norm(&x, &m(1, 4, |_| 1.0), 0.0).unwrap();
+        assert!((whole.data[2] / whole.data[0] - 2.0).abs() < 1e-6);
+        assert!(b.rms_norm(&x, &m(1, 3, |_| 1.0), 1e-6).is_err());
+    }
 }
