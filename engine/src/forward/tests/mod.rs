@@ -208,12 +208,13 @@ impl TinyModel {
     }
 
     fn runner(&self, cache: KvCacheConfig) -> ModelRunner<CpuBackend, InMemoryExperts> {
-        let dense = DenseWeights::load(&self.spec, &mut self.tensors.clone()).unwrap();
         let mut experts = InMemoryExperts::new(self.expert_dtype);
         for (&(l, e), [g, u, d]) in &self.experts_as_stored {
             experts.insert(l, e, g, u, d);
         }
-        ModelRunner::new(self.spec.clone(), CpuBackend::new(), dense, experts, cache).unwrap()
+        let mut tensors = self.tensors.clone();
+        let backend = CpuBackend::new();
+        ModelRunner::load(self.spec.clone(), backend, &mut tensors, experts, cache).unwrap()
     }
 }
 
