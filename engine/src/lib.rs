@@ -1,10 +1,14 @@
 //! The TileFlow engine: model specs, tile packs, tokenizer, sampler, the batched forward pass
 //! over a `Backend`, and the tier cache that streams routed experts.
 
+pub mod backend;
 pub mod dtype;
+pub mod forward;
+pub mod kv;
 pub mod pack;
 pub mod rope;
 pub mod safetensors_io;
 pub mod spec;
 pub mod store;
 pub mod tier;
+pub mod weights;

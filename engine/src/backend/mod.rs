@@ -1,0 +1,302 @@
+//! The op set the forward pass is written against, and the host types ops exchange.
+//!
+//! A backend owns where weights, activations and the KV pool live (host memory for
+//! [`cpu::CpuBackend`], VRAM for the CUDA backend) and implements every op the forward pass
+//! needs on them. The forward pass ([`crate::forward`]) only sequences ops; everything that
+//! touches numbers is here, so a GPU backend is a second implementation of one trait.
+//!
+//! Metadata that steers an op (token positions, block tables, routing decisions) is passed as
+//! small host-side structures; a device backend uploads them per step, as vLLM does.
+
+pub mod cpu;
+
+use crate::dtype::Dtype;
+use crate::kv::KvLayout;
+use crate::pack::ProjectionExtent;
+use crate::rope::RopeTable;
+
+/// Why a backend op failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Operands do not fit the op (a bug in the caller, or weights that escaped validation).
+    #[error("{op}: {detail}")]
+    Shape {
+        /// The op.
+        op: &'static str,
+        /// Which shapes disagreed.
+        detail: String,
+    },
+    /// A token id is outside the embedding table.
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The token id.
+        token: u32,
+        /// Rows of the embedding table.
+        vocab: usize,
+    },
+    /// A routed expert's bytes do not hold its projections.
+    #[error("expert {expert}: {detail}")]
+    ExpertLayout {
+        /// The expert index within its layer.
+        expert: usize,
+        /// What does not fit.
+        detail: String,
+    },
+    /// Device memory or another backend resource ran out.
+    #[error("{what}: out of backend memory")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+    },
+}
+
+/// A row-major f32 matrix in host memory: how weights reach a backend and how results leave it.
+/// Vectors (norm weights, biases) are `[1, n]`.
+#[derive(Clone, PartialEq)]
+pub struct HostMatrix {
+    /// Rows.
+    pub rows: usize,
+    /// Columns (the contiguous dimension).
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+impl std::fmt::Debug for HostMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostMatrix[{}, {}]", self.rows, self.cols)
+    }
+}
+
+impl HostMatrix {
+    /// Wraps `data` as `[rows, cols]`; `None` when the length does not match.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Option<HostMatrix> {
+        (rows.checked_mul(cols)? == data.len()).then_some(HostMatrix { rows, cols, data })
+    }
+
+    /// A `[rows, cols]` matrix of zeros.
+    pub fn zeros(rows: usize, cols: usize) -> HostMatrix {
+        HostMatrix {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+
+    /// One row.
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    /// One row, mutable.
+    pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// One chunk of consecutive tokens of one sequence inside a step's attention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkAttention {
+    /// First row of this chunk in the step's q (and output) matrix.
+    pub first_row: usize,
+    /// Tokens (rows) of the chunk.
+    pub rows: usize,
+    /// Position of the chunk's first token; the cache already holds positions `0..start_pos`
+    /// and, once [`Backend::write_kv`] ran, the chunk's own.
+    pub start_pos: usize,
+    /// The sequence's KV blocks, in position order (position `p` is in block
+    /// `blocks[p / block_size]` at offset `p % block_size`).
+    pub blocks: Vec<u32>,
+}
+
+/// Everything attention needs to know about a step besides q and the KV pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionPlan {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads; `num_heads / num_kv_heads` queries share one (GQA).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Score multiplier (`head_dim^-0.5`).
+    pub scale: f32,
+    /// Keys at positions `j` with `p - j < window` are visible to a query at `p`; `None` is
+    /// plain causal.
+    pub sliding_window: Option<usize>,
+    /// The chunks, in row order.
+    pub chunks: Vec<ChunkAttention>,
+}
+
+/// The router's decision for each token of a step: `top_k` experts and their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Experts selected per token.
+    pub top_k: usize,
+    /// `[tokens * top_k]` expert indices, per token in descending weight (ties: lower index).
+    pub experts: Vec<u32>,
+    /// `[tokens * top_k]` combine weights matching `experts`.
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    /// Tokens routed.
+    pub fn tokens(&self) -> usize {
+        self.experts.len().checked_div(self.top_k).unwrap_or(0)
+    }
+}
+
+/// A routed expert's weights as the storage tiers hold them: the raw bytes of its extent,
+/// with the element type and where each projection lies inside.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertRef<'a> {
+    /// The extent's bytes (at least up to the end of the last projection).
+    pub bytes: &'a [u8],
+    /// Element type of all three projections.
+    pub dtype: Dtype,
+    /// `gate_proj` / `w1`: `[intermediate, hidden]`.
+    pub gate: ProjectionExtent,
+    /// `up_proj` / `w3`: `[intermediate, hidden]`.
+    pub up: ProjectionExtent,
+    /// `down_proj` / `w2`: `[hidden, intermediate]`.
+    pub down: ProjectionExtent,
+}
+
+/// One expert's share of a step: which rows of the layer input it sees, with which weights.
+#[derive(Debug, Clone)]
+pub struct ExpertWork<'a> {
+    /// The expert's index within its layer (for errors and ordering).
+    pub expert: usize,
+    /// Its weights.
+    pub weights: ExpertRef<'a>,
+    /// Rows of the layer input routed to it, ascending.
+    pub rows: Vec<usize>,
+    /// The combine weight of each of those rows.
+    pub scales: Vec<f32>,
+}
+
+/// The operations of one forward step, implemented by each compute device.
+///
+/// Activations are `[tokens, width]` matrices of [`Backend::Act`]; weights are uploaded once
+/// as [`Backend::Weight`]; the KV pool is a [`Backend::KvPool`] indexed by the host-side
+/// block tables of [`crate::kv::PagedKvCache`].
+pub trait Backend: std::fmt::Debug {
+    /// A weight matrix resident on the device.
+    type Weight: std::fmt::Debug + Send + Sync;
+    /// An activation matrix resident on the device.
+    type Act: std::fmt::Debug;
+    /// Key and value blocks of every layer.
+    type KvPool: std::fmt::Debug;
+
+    /// A short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Moves a weight onto the device.
+    fn upload(&self, weight: HostMatrix) -> Result<Self::Weight, BackendError>;
+
+    /// Moves an activation onto the device.
+    fn upload_act(&self, act: HostMatrix) -> Result<Self::Act, BackendError>;
+
+    /// Copies an activation back to the host.
+    fn download(&self, act: &Self::Act) -> Result<HostMatrix, BackendError>;
+
+    /// Allocates the KV pool for `layout` (zero-filled).
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::KvPool, BackendError>;
+
+    /// `[ids.len(), hidden]`: the rows of `table` (`[vocab, hidden]`) for `ids`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act, BackendError>;
+
+    /// RMSNorm of each `weight.len()`-wide group of each row (a whole row, or each head when
+    /// the weight is `head_dim` wide): `x * rsqrt(mean(x²) + eps) * weight`, in f32.
+    fn rms_norm(
+        &self,
+        x: &Self::Act,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act, BackendError>;
+
+    /// `x += delta`, then returns [`Backend::rms_norm`] of the new `x` (the residual add fused
+    /// with the next norm).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Act,
+        delta: &Self::Act,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act, BackendError>;
+
+    /// `x[m, k] · weight[n, k]ᵀ (+ bias[n])` → `[m, n]`.
+    fn linear(
+        &self,
+        x: &Self::Act,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Act, BackendError>;
+
+    /// Clamps every element to `[-limit, limit]`.
+    fn clamp(&self, x: &mut Self::Act, limit: f32) -> Result<(), BackendError>;
+
+    /// Rotates every `head_dim`-wide head of row `r` for position `positions[r]`.
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<(), BackendError>;
+
+    /// Stores row `r` of `k` and `v` (`[tokens, kv_heads * head_dim]`) into `layer`'s pool at
+    /// slot `slots[r]` (`block * block_size + offset`).
+    fn write_kv(
+        &self,
+        pool: &mut Self::KvPool,
+        layer: usize,
+        k: &Self::Act,
+        v: &Self::Act,
+        slots: &[usize],
+    ) -> Result<(), BackendError>;
+
+    /// Causal (optionally sliding-window) GQA attention of `q` (`[tokens, heads * head_dim]`)
+    /// over `layer`'s cached keys and values; softmax in f32.
+    fn attention(
+        &self,
+        q: &Self::Act,
+        pool: &Self::KvPool,
+        layer: usize,
+        plan: &AttentionPlan,
+    ) -> Result<Self::Act, BackendError>;
+
+    /// Router: softmax over each row of `logits` (f32), top `top_k` (ties to the lower
+    /// index), optionally renormalised to sum to one. The decision comes back to the host,
+    /// which asks the expert tiers for the selected experts.
+    fn route(
+        &self,
+        logits: &Self::Act,
+        top_k: usize,
+        renormalize: bool,
+    ) -> Result<Routing, BackendError>;
+
+    /// `silu(gate) * up`, elementwise.
+    fn swiglu(&self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act, BackendError>;
+
+    /// For each expert: `out[rows] += scale * down(silu(gate(x[rows])) * up(x[rows]))`.
+    /// Contributions reach each row in ascending expert order (as transformers adds them).
+    fn experts(
+        &self,
+        x: &Self::Act,
+        work: &[ExpertWork<'_>],
+        out: &mut Self::Act,
+    ) -> Result<(), BackendError>;
+
+    /// `out += sigmoid(gate_logit) * y`, with `gate_logit` one column per row.
+    fn add_gated(
+        &self,
+        out: &mut Self::Act,
+        y: &Self::Act,
+        gate_logit: &Self::Act,
+    ) -> Result<(), BackendError>;
+
+    /// A `[rows, cols]` activation of zeros.
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Act, BackendError>;
+
+    /// The listed rows of `x`, in the order listed.
+    fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act, BackendError>;
+}

@@ -1,0 +1,55 @@
+//! The attention half of a decoder layer: projections, q/k norm, clipping, RoPE, the KV
+//! cache write, paged attention and the output projection.
+
+use super::EngineError;
+use crate::backend::{AttentionPlan, Backend};
+use crate::rope::RopeTable;
+use crate::spec::ModelSpec;
+use crate::weights::AttentionWeights;
+
+/// What one layer's attention needs besides its input and the KV pool.
+pub(super) struct LayerContext<'a, B: Backend> {
+    pub backend: &'a B,
+    pub spec: &'a ModelSpec,
+    pub rope: &'a RopeTable,
+    pub layer: usize,
+    pub weights: &'a AttentionWeights<B::Weight>,
+}
+
+impl<B: Backend> LayerContext<'_, B> {
+    /// Attention on the normed `h` (one row per token of the step), caching this step's keys
+    /// and values at `slots`; `plan` carries this layer's sliding window.
+    pub fn run(
+        &self,
+        h: &B::Act,
+        pool: &mut B::KvPool,
+        positions: &[usize],
+        slots: &[usize],
+        plan: &AttentionPlan,
+    ) -> Result<B::Act, EngineError> {
+        let (b, a, spec) = (self.backend, self.weights, self.spec);
+        let err = EngineError::at(self.layer, "attention");
+        let mut q = b.linear(h, &a.q, a.q_bias.as_ref()).map_err(err)?;
+        let mut k = b.linear(h, &a.k, a.k_bias.as_ref()).map_err(err)?;
+        let mut v = b.linear(h, &a.v, a.v_bias.as_ref()).map_err(err)?;
+        // OLMoE's norm spans the whole projection, Qwen3's each head: the weight's width
+        // (q_dim or head_dim) tells the backend which.
+        if let Some(qn) = &a.q_norm {
+            q = b.rms_norm(&q, qn, spec.rms_norm_eps).map_err(err)?;
+        }
+        if let Some(kn) = &a.k_norm {
+            k = b.rms_norm(&k, kn, spec.rms_norm_eps).map_err(err)?;
+        }
+        if let Some(c) = spec.clip_qkv {
+            // transformers' OLMoE clamps after the q/k norm, and v too.
+            b.clamp(&mut q, c).map_err(err)?;
+            b.clamp(&mut k, c).map_err(err)?;
+            b.clamp(&mut v, c).map_err(err)?;
+        }
+        b.rope(&mut q, positions, self.rope).map_err(err)?;
+        b.rope(&mut k, positions, self.rope).map_err(err)?;
+        b.write_kv(pool, self.layer, &k, &v, slots).map_err(err)?;
+        let out = b.attention(&q, pool, self.layer, plan).map_err(err)?;
+        b.linear(&out, &a.o, a.o_bias.as_ref()).map_err(err)
+    }
+}

@@ -1,0 +1,488 @@
+//! The batched forward pass: [`ModelRunner::step`] runs any mix of prefill chunks and decode
+//! tokens of many sequences through the model in one pass, over a [`Backend`], a paged KV
+//! cache and an [`ExpertProvider`], with transformers' float32 semantics.
+//!
+//! Per decoder layer (as transformers' Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE modules):
+//! `h = input_norm(x)`; q, k, v projections (+bias); OLMoE: RMSNorm over the whole q and k,
+//! then clamp q, k, v to ±clip_qkv; Qwen3: RMSNorm per head of q and k; RoPE on q and k;
+//! causal GQA attention (sliding window where the layer has one) scaled by `head_dim^-0.5`;
+//! `x += o_proj(attn)`; `h = post_attention_norm(x)`; MoE (softmax over all experts → top-k →
+//! optional renormalisation → Σ wₑ·expertₑ(h), plus `sigmoid(gate·h)·shared(h)` for Qwen2) or a
+//! dense SwiGLU MLP; `x += mlp`. Finally `norm(x) · lm_headᵀ` (the embedding when tied).
+
+mod attention;
+mod moe;
+#[cfg(test)]
+mod tests;
+
+pub use moe::{ExpertProvider, InMemoryExperts};
+
+use crate::backend::{AttentionPlan, Backend, BackendError, ChunkAttention, HostMatrix};
+use crate::kv::{KvError, KvLayout, PagedKvCache, SeqId};
+use crate::rope::RopeTable;
+use crate::spec::ModelSpec;
+use crate::weights::{DenseWeights, MlpWeights, TensorLoader, WeightsError};
+
+/// Why a forward step (or setting one up) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A backend op failed inside a decoder layer.
+    #[error("layer {layer}: {op} failed")]
+    Layer {
+        /// The decoder layer.
+        layer: usize,
+        /// The part of the layer.
+        op: &'static str,
+        /// What the backend said.
+        #[source]
+        source: BackendError,
+    },
+    /// A backend op outside the layers failed.
+    #[error("{op} failed")]
+    Backend {
+        /// The op.
+        op: &'static str,
+        /// What the backend said.
+        #[source]
+        source: BackendError,
+    },
+    /// The KV cache refused.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// The dense weights could not be built or uploaded.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The runner's configuration does not fit the model.
+    #[error("invalid runner configuration: {reason}")]
+    Config {
+        /// What does not fit.
+        reason: String,
+    },
+    /// A chunk names a sequence that was never added (or was freed).
+    #[error("sequence {seq} is not known to the engine")]
+    UnknownSequence {
+        /// The sequence.
+        seq: SeqId,
+    },
+    /// A sequence appears in two chunks of one step.
+    #[error("sequence {seq} appears more than once in one step")]
+    DuplicateSequence {
+        /// The sequence.
+        seq: SeqId,
+    },
+    /// A chunk without tokens.
+    #[error("sequence {seq}: empty chunk")]
+    EmptyChunk {
+        /// The sequence.
+        seq: SeqId,
+    },
+    /// A chunk starts past the tokens the sequence has cached.
+    #[error("sequence {seq}: chunk starts at position {start_pos} but only {cached} are cached")]
+    PositionGap {
+        /// The sequence.
+        seq: SeqId,
+        /// The chunk's first position.
+        start_pos: usize,
+        /// Positions cached.
+        cached: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("sequence {seq}: token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The sequence.
+        seq: SeqId,
+        /// The token id.
+        token: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A routed expert could not be had.
+    #[error("layer {layer} expert {expert} is unavailable: {reason}")]
+    ExpertUnavailable {
+        /// The decoder layer.
+        layer: usize,
+        /// The expert.
+        expert: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Reading a routed expert failed in the storage or cache underneath.
+    #[error("layer {layer} expert {expert}: cannot read its weights")]
+    ExpertRead {
+        /// The decoder layer.
+        layer: usize,
+        /// The expert.
+        expert: usize,
+        /// The underlying failure.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl EngineError {
+    /// Wraps a backend error of `op` in `layer`.
+    fn at(layer: usize, op: &'static str) -> impl Fn(BackendError) -> EngineError + Copy {
+        move |source| EngineError::Layer { layer, op, source }
+    }
+
+    /// Wraps a backend error of `op` outside the layers.
+    fn op(op: &'static str) -> impl Fn(BackendError) -> EngineError + Copy {
+        move |source| EngineError::Backend { op, source }
+    }
+}
+
+/// Which logits a chunk wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitRows {
+    /// None (a prefill chunk that is not the prompt's last).
+    None,
+    /// The chunk's last token (the next-token distribution).
+    #[default]
+    Last,
+    /// Every token of the chunk (prompt logprobs).
+    All,
+}
+
+/// Consecutive tokens of one sequence to run in a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Its next tokens.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`: at most the sequence's cached length. Less rewinds the
+    /// sequence, dropping what was cached from there on.
+    pub start_pos: usize,
+    /// Which logits to return.
+    pub logits: LogitRows,
+}
+
+impl<'a> SeqChunk<'a> {
+    /// A chunk that wants the logits of its last token.
+    pub fn new(seq: SeqId, tokens: &'a [u32], start_pos: usize) -> SeqChunk<'a> {
+        SeqChunk {
+            seq,
+            tokens,
+            start_pos,
+            logits: LogitRows::Last,
+        }
+    }
+}
+
+/// Size of the paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    /// Blocks in the pool (shared by all sequences).
+    pub num_blocks: usize,
+    /// Token slots per block.
+    pub block_size: usize,
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> KvCacheConfig {
+        KvCacheConfig {
+            num_blocks: 256,
+            block_size: 16,
+        }
+    }
+}
+
+/// A loaded model on one backend: dense weights, the KV cache, and the expert source.
+#[derive(Debug)]
+pub struct ModelRunner<B: Backend, P> {
+    spec: ModelSpec,
+    backend: B,
+    weights: DenseWeights<B::Weight>,
+    experts: P,
+    rope: RopeTable,
+    kv: PagedKvCache,
+    pool: B::KvPool,
+}
+
+/// The per-step layout of the batch: flattened tokens and where each chunk lies.
+struct StepLayout {
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
+    /// Attention's view of the batch; each layer sets its own sliding window.
+    plan: AttentionPlan,
+}
+
+impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
+    /// Uploads `weights` (as loaded for `spec`) onto `backend` and allocates the KV pool.
+    pub fn new(
+        spec: ModelSpec,
+        backend: B,
+        weights: DenseWeights<HostMatrix>,
+        experts: P,
+        cache: KvCacheConfig,
+    ) -> Result<ModelRunner<B, P>, EngineError> {
+        if weights.layers.len() != spec.num_layers() || weights.family != spec.family {
+            return Err(EngineError::Config {
+                reason: format!(
+                    "weights of {} {:?} layers for a {} {:?}-layer spec",
+                    weights.layers.len(),
+                    weights.family,
+                    spec.num_layers(),
+                    spec.family
+                ),
+            });
+        }
+        let layout = KvLayout {
+            num_layers: spec.num_layers(),
+            num_blocks: cache.num_blocks,
+            block_size: cache.block_size,
+            num_kv_heads: spec.num_kv_heads,
+            head_dim: spec.head_dim,
+        };
+        let kv = PagedKvCache::new(layout)?;
+        let pool = backend
+            .alloc_kv(&layout)
+            .map_err(EngineError::op("KV pool allocation"))?;
+        let weights = weights.upload(&backend)?;
+        Ok(ModelRunner {
+            rope: spec.rope.table(),
+            spec,
+            backend,
+            weights,
+            experts,
+            kv,
+            pool,
+        })
+    }
+
+    /// Reads the dense weights `spec` needs from `loader`, then as [`ModelRunner::new`].
+    pub fn load<L: TensorLoader>(
+        spec: ModelSpec,
+        backend: B,
+        loader: &mut L,
+        experts: P,
+        cache: KvCacheConfig,
+    ) -> Result<ModelRunner<B, P>, EngineError> {
+        let weights = DenseWeights::load(&spec, loader)?;
+        ModelRunner::new(spec, backend, weights, experts, cache)
+    }
+
+    /// The model's spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The expert provider.
+    pub fn experts(&self) -> &P {
+        &self.experts
+    }
+
+    /// The expert provider, mutable (to tune or inspect a cache between steps).
+    pub fn experts_mut(&mut self) -> &mut P {
+        &mut self.experts
+    }
+
+    /// The KV cache's bookkeeping.
+    pub fn kv_cache(&self) -> &PagedKvCache {
+        &self.kv
+    }
+
+    /// Registers a new, empty sequence.
+    pub fn add_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        Ok(self.kv.add_sequence(seq)?)
+    }
+
+    /// Drops a sequence and frees its KV blocks.
+    pub fn free_sequence(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.kv
+            .free_sequence(seq)
+            .map_err(|_| EngineError::UnknownSequence { seq })?;
+        Ok(())
+    }
+
+    /// Tokens cached for `seq`.
+    pub fn seq_len(&self, seq: SeqId) -> Result<usize, EngineError> {
+        self.kv
+            .len(seq)
+            .map_err(|_| EngineError::UnknownSequence { seq })
+    }
+
+    /// Runs every chunk of `batch` through the model, caching their keys and values.
+    /// Returns, per chunk, the logits it asked for: `rows * vocab` values (row-major).
+    ///
+    /// On error, each sequence of the batch keeps its first `start_pos` tokens cached.
+    pub fn step(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.validate(batch)?;
+        let resize: Vec<(SeqId, usize)> = batch
+            .iter()
+            .map(|c| (c.seq, c.start_pos + c.tokens.len()))
+            .collect();
+        self.kv.resize(&resize)?;
+        let result = self.run(batch);
+        if result.is_err() {
+            let rewind: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, c.start_pos)).collect();
+            // Shrinking only gives blocks back, so this cannot fail.
+            let _ = self.kv.resize(&rewind);
+        }
+        result
+    }
+
+    fn validate(&self, batch: &[SeqChunk<'_>]) -> Result<(), EngineError> {
+        let mut seen = std::collections::HashSet::new();
+        for c in batch {
+            if !seen.insert(c.seq) {
+                return Err(EngineError::DuplicateSequence { seq: c.seq });
+            }
+            let cached = self.seq_len(c.seq)?;
+            if c.tokens.is_empty() {
+                return Err(EngineError::EmptyChunk { seq: c.seq });
+            }
+            if c.start_pos > cached {
+                return Err(EngineError::PositionGap {
+                    seq: c.seq,
+                    start_pos: c.start_pos,
+                    cached,
+                });
+            }
+            let vocab = self.spec.vocab_size;
+            if let Some(&token) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::TokenOutOfRange {
+                    seq: c.seq,
+                    token,
+                    vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn layout(&self, batch: &[SeqChunk<'_>]) -> Result<StepLayout, EngineError> {
+        let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
+        let spec = &self.spec;
+        let mut l = StepLayout {
+            ids: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            slots: Vec::with_capacity(total),
+            plan: AttentionPlan {
+                num_heads: spec.num_heads,
+                num_kv_heads: spec.num_kv_heads,
+                head_dim: spec.head_dim,
+                scale: (spec.head_dim as f64).powf(-0.5) as f32,
+                sliding_window: None,
+                chunks: Vec::with_capacity(batch.len()),
+            },
+        };
+        for c in batch {
+            l.plan.chunks.push(ChunkAttention {
+                first_row: l.ids.len(),
+                rows: c.tokens.len(),
+                start_pos: c.start_pos,
+                blocks: self.kv.blocks(c.seq)?.to_vec(),
+            });
+            l.ids.extend_from_slice(c.tokens);
+            for p in c.start_pos..c.start_pos + c.tokens.len() {
+                l.positions.push(p);
+                l.slots.push(self.kv.slot(c.seq, p)?);
+            }
+        }
+        Ok(l)
+    }
+
+    fn run(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut step = self.layout(batch)?;
+        let ModelRunner {
+            spec,
+            backend: b,
+            weights: w,
+            experts,
+            rope,
+            pool,
+            ..
+        } = self;
+        let eps = spec.rms_norm_eps;
+        let mut x = b
+            .embed(&w.embed, &step.ids)
+            .map_err(EngineError::op("embed"))?;
+        let mut h = match w.layers.first() {
+            Some(l0) => b
+                .rms_norm(&x, &l0.input_norm, eps)
+                .map_err(EngineError::at(0, "input norm"))?,
+            None => b
+                .rms_norm(&x, &w.final_norm, eps)
+                .map_err(EngineError::op("final norm"))?,
+        };
+        for (i, lw) in w.layers.iter().enumerate() {
+            let layer = attention::LayerContext {
+                backend: b,
+                spec,
+                rope,
+                layer: i,
+                weights: &lw.attn,
+            };
+            step.plan.sliding_window = spec.layers[i].sliding_window;
+            let attn = layer.run(&h, pool, &step.positions, &step.slots, &step.plan)?;
+            let h2 = b
+                .add_rms_norm(&mut x, &attn, &lw.post_attention_norm, eps)
+                .map_err(EngineError::at(i, "post-attention norm"))?;
+            let mlp = match &lw.mlp {
+                MlpWeights::Dense(m) => moe::swiglu_mlp(b, &h2, m, i)?,
+                MlpWeights::Moe { router, shared } => moe::moe_block(
+                    b,
+                    experts,
+                    &spec.moe,
+                    i,
+                    &h2,
+                    router,
+                    shared.as_ref(),
+                    (step.ids.len(), spec.hidden_size),
+                )?,
+            };
+            let next_norm = w.layers.get(i + 1).map_or(&w.final_norm, |n| &n.input_norm);
+            h = b
+                .add_rms_norm(&mut x, &mlp, next_norm, eps)
+                .map_err(EngineError::at(i, "residual norm"))?;
+        }
+        self.logits(batch, &step, &h)
+    }
+
+    /// The logits each chunk asked for, from the final-normed hidden state.
+    fn logits(
+        &self,
+        batch: &[SeqChunk<'_>],
+        step: &StepLayout,
+        h: &B::Act,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(batch.len());
+        for (c, ch) in batch.iter().zip(&step.plan.chunks) {
+            let before = rows.len();
+            match c.logits {
+                LogitRows::None => {}
+                LogitRows::Last => rows.push(ch.first_row + ch.rows - 1),
+                LogitRows::All => rows.extend(ch.first_row..ch.first_row + ch.rows),
+            }
+            counts.push(rows.len() - before);
+        }
+        if rows.is_empty() {
+            return Ok(vec![Vec::new(); batch.len()]);
+        }
+        let b = &self.backend;
+        let sel = b.gather_rows(h, &rows).map_err(EngineError::op("logits"))?;
+        let logits = b
+            .linear(&sel, self.weights.output_projection(), None)
+            .map_err(EngineError::op("logits"))?;
+        let host = b.download(&logits).map_err(EngineError::op("logits"))?;
+        let vocab = host.cols;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(host.data[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,208 @@
+//! Routed experts: where the forward pass gets them ([`ExpertProvider`]), an in-memory
+//! provider, and the MoE block (router → experts → combine, plus Qwen2's shared expert).
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::EngineError;
+use crate::backend::{Backend, ExpertRef, ExpertWork, HostMatrix};
+use crate::dtype::Dtype;
+use crate::pack::ProjectionExtent;
+use crate::spec::MoeSpec;
+use crate::weights::{SharedExpertWeights, SwigluWeights};
+
+/// Where the forward pass gets routed experts' weights (the tier cache over `experts.tiles`,
+/// or memory in tests).
+///
+/// Per MoE layer and step, the forward pass calls [`ExpertProvider::prepare`] once with every
+/// expert the router selected, then [`ExpertProvider::expert`] for each of them. Holding
+/// several [`ExpertRef`]s at once (they borrow `&self`) lets a backend compute them together.
+pub trait ExpertProvider {
+    /// Makes the listed experts of `layer` (ascending, no repeats) available: on return,
+    /// [`ExpertProvider::expert`] must succeed for each. A caching provider issues or waits
+    /// on fetches here.
+    fn prepare(&mut self, layer: usize, experts: &[usize]) -> Result<(), EngineError>;
+
+    /// The weights of an expert prepared for the current layer.
+    fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError>;
+}
+
+/// One expert's extent held in memory.
+#[derive(Debug, Clone)]
+struct StoredExpert {
+    bytes: Vec<u8>,
+    gate: ProjectionExtent,
+    up: ProjectionExtent,
+    down: ProjectionExtent,
+}
+
+/// Routed experts held in memory in the pack's extent layout (gate | up | down, each
+/// row-major in `dtype`).
+#[derive(Debug, Clone)]
+pub struct InMemoryExperts {
+    dtype: Dtype,
+    experts: HashMap<(usize, usize), StoredExpert>,
+    prepared: usize,
+}
+
+impl InMemoryExperts {
+    /// No experts yet; all will be stored as `dtype`.
+    pub fn new(dtype: Dtype) -> InMemoryExperts {
+        InMemoryExperts {
+            dtype,
+            experts: HashMap::new(),
+            prepared: 0,
+        }
+    }
+
+    /// Stores (layer, expert) from its f32 projections: gate and up `[intermediate, hidden]`,
+    /// down `[hidden, intermediate]`.
+    pub fn insert(
+        &mut self,
+        layer: usize,
+        expert: usize,
+        gate: &HostMatrix,
+        up: &HostMatrix,
+        down: &HostMatrix,
+    ) {
+        let mut bytes = Vec::new();
+        let mut extent = |m: &HostMatrix| {
+            let offset = bytes.len() as u64;
+            bytes.extend_from_slice(&self.dtype.from_f32(&m.data));
+            ProjectionExtent {
+                offset,
+                shape: [m.rows, m.cols],
+            }
+        };
+        let (gate, up, down) = (extent(gate), extent(up), extent(down));
+        self.experts.insert(
+            (layer, expert),
+            StoredExpert {
+                bytes,
+                gate,
+                up,
+                down,
+            },
+        );
+    }
+
+    /// Experts handed to [`ExpertProvider::prepare`] so far, counted with repeats.
+    pub fn prepared_count(&self) -> usize {
+        self.prepared
+    }
+}
+
+impl ExpertProvider for InMemoryExperts {
+    fn prepare(&mut self, layer: usize, experts: &[usize]) -> Result<(), EngineError> {
+        if let Some(&expert) = experts
+            .iter()
+            .find(|&&e| !self.experts.contains_key(&(layer, e)))
+        {
+            return Err(EngineError::ExpertUnavailable {
+                layer,
+                expert,
+                reason: "not in memory".into(),
+            });
+        }
+        self.prepared += experts.len();
+        Ok(())
+    }
+
+    fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
+        let e =
+            self.experts
+                .get(&(layer, expert))
+                .ok_or_else(|| EngineError::ExpertUnavailable {
+                    layer,
+                    expert,
+                    reason: "not in memory".into(),
+                })?;
+        Ok(ExpertRef {
+            bytes: &e.bytes,
+            dtype: self.dtype,
+            gate: e.gate,
+            up: e.up,
+            down: e.down,
+        })
+    }
+}
+
+/// `down(silu(gate(h)) * up(h))`.
+pub(super) fn swiglu_mlp<B: Backend>(
+    backend: &B,
+    h: &B::Act,
+    w: &SwigluWeights<B::Weight>,
+    layer: usize,
+) -> Result<B::Act, EngineError> {
+    let err = EngineError::at(layer, "mlp");
+    let g = backend.linear(h, &w.gate, None).map_err(err)?;
+    let u = backend.linear(h, &w.up, None).map_err(err)?;
+    let a = backend.swiglu(&g, &u).map_err(err)?;
+    backend.linear(&a, &w.down, None).map_err(err)
+}
+
+/// The token rows and combine weights each selected expert gets, by ascending expert.
+fn group_by_expert(routing: &crate::backend::Routing) -> BTreeMap<usize, (Vec<usize>, Vec<f32>)> {
+    let mut groups: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let k = routing.top_k;
+    for (i, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+        let g = groups.entry(e as usize).or_default();
+        g.0.push(i / k);
+        g.1.push(w);
+    }
+    groups
+}
+
+/// The MoE block of `layer` on the post-attention-normed `h`: router softmax and top-k,
+/// routed experts from `experts`, and the gated shared expert where there is one.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn moe_block<B: Backend, P: ExpertProvider>(
+    backend: &B,
+    experts: &mut P,
+    moe: &MoeSpec,
+    layer: usize,
+    h: &B::Act,
+    router: &B::Weight,
+    shared: Option<&SharedExpertWeights<B::Weight>>,
+    (rows, hidden): (usize, usize),
+) -> Result<B::Act, EngineError> {
+    let err = EngineError::at(layer, "router");
+    let logits = backend.linear(h, router, None).map_err(err)?;
+    let routing = backend
+        .route(&logits, moe.top_k, moe.norm_topk_prob)
+        .map_err(err)?;
+    if let Some(&bad) = routing
+        .experts
+        .iter()
+        .find(|&&e| e as usize >= moe.num_experts)
+    {
+        return Err(EngineError::ExpertUnavailable {
+            layer,
+            expert: bad as usize,
+            reason: format!("the router chose it but the layer has {}", moe.num_experts),
+        });
+    }
+    let groups = group_by_expert(&routing);
+    let selected: Vec<usize> = groups.keys().copied().collect();
+    experts.prepare(layer, &selected)?;
+    let work = groups
+        .into_iter()
+        .map(|(expert, (rows, scales))| {
+            Ok(ExpertWork {
+                expert,
+                weights: experts.expert(layer, expert)?,
+                rows,
+                scales,
+            })
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
+    let err = EngineError::at(layer, "experts");
+    let mut out = backend.zeros(rows, hidden).map_err(err)?;
+    backend.experts(h, &work, &mut out).map_err(err)?;
+    if let Some(s) = shared {
+        let y = swiglu_mlp(backend, h, &s.mlp, layer)?;
+        let err = EngineError::at(layer, "shared expert");
+        let g = backend.linear(h, &s.gate, None).map_err(err)?;
+        backend.add_gated(&mut out, &y, &g).map_err(err)?;
+    }
+    Ok(out)
+}
