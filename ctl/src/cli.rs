@@ -147,7 +147,11 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Prompt text.
-    #[arg(long, short, default_value = "The tile streams from disk to the GPU and")]
+    #[arg(
+        long,
+        short,
+        default_value = "The tile streams from disk to the GPU and"
+    )]
     pub prompt: String,
     #[command(flatten)]
     pub generate: GenerateArgs,
@@ -155,12 +159,18 @@ pub struct DemoArgs {
 
 /// Prints completions for `shell` to stdout.
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
-    clap_complete::generate(shell, &mut Cli::command(), "tilectl", &mut std::io::stdout());
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "tilectl",
+        &mut std::io::stdout(),
+    );
     Ok(())
 }
 
 /// Writes `tilectl.1` and one page per subcommand into `dir`.
 pub fn man(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    clap_mangen::generate_to(Cli::command(), dir).with_context(|| format!("cannot write man pages into {}", dir.display()))
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("cannot write man pages into {}", dir.display()))
 }

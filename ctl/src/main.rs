@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let state_dir = cli.state_dir.clone().unwrap_or_else(tileflow_engine::store::default_state_dir);
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(tileflow_engine::store::default_state_dir);
     let result = match cli.command {
         Command::Model { command } => match command {
             ModelCommand::Import(args) => model::import(&state_dir, args),

@@ -14,7 +14,12 @@ use crate::cli::{ImportArgs, SynthArgs};
 use crate::output::{byte_bar, human_bytes, table};
 
 /// Writes `source` into the store as `name`, with a progress bar; prints a one-line summary.
-fn pack_into_store(state_dir: &Path, name: &str, source: &dyn PackSource, what: &str) -> anyhow::Result<()> {
+fn pack_into_store(
+    state_dir: &Path,
+    name: &str,
+    source: &dyn PackSource,
+    what: &str,
+) -> anyhow::Result<()> {
     let store = Store::new(state_dir);
     let txn = store.begin(name)?;
     let bar = byte_bar(what);
@@ -48,10 +53,16 @@ pub fn import(state_dir: &Path, args: ImportArgs) -> anyhow::Result<()> {
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
-            .with_context(|| format!("cannot name a model after {}; pass --name", args.dir.display()))?,
+            .with_context(|| {
+                format!(
+                    "cannot name a model after {}; pass --name",
+                    args.dir.display()
+                )
+            })?,
     };
     Store::check_name(&name)?;
-    let source = CheckpointSource::open(&args.dir).with_context(|| format!("cannot import {}", args.dir.display()))?;
+    let source = CheckpointSource::open(&args.dir)
+        .with_context(|| format!("cannot import {}", args.dir.display()))?;
     pack_into_store(state_dir, &name, &source, "importing")
 }
 
@@ -60,7 +71,12 @@ pub fn synth(state_dir: &Path, args: SynthArgs) -> anyhow::Result<()> {
     let synth = Synth::new(&args.preset, args.seed, args.route_skew)?;
     match (&args.out, &args.name) {
         (Some(out), None) => {
-            if out.exists() && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
+            if out.exists()
+                && out
+                    .read_dir()
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
                 bail!("{} exists and is not empty", out.display());
             }
             let bar = byte_bar("synthesizing");
@@ -70,7 +86,11 @@ pub fn synth(state_dir: &Path, args: SynthArgs) -> anyhow::Result<()> {
             };
             synth.write_checkpoint(out, &progress)?;
             bar.finish_and_clear();
-            eprintln!("synthesized {} checkpoint -> {}", args.preset, out.display());
+            eprintln!(
+                "synthesized {} checkpoint -> {}",
+                args.preset,
+                out.display()
+            );
             Ok(())
         }
         (None, Some(name)) => pack_into_store(state_dir, name, &synth, "synthesizing"),
@@ -123,7 +143,10 @@ pub fn list(state_dir: &Path, as_json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table(&["NAME", "FAMILY", "LAYERS x EXPERTS/TOPK", "DTYPE", "SIZE"], &rows);
+    table(
+        &["NAME", "FAMILY", "LAYERS x EXPERTS/TOPK", "DTYPE", "SIZE"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -140,14 +163,41 @@ pub fn show(state_dir: &Path, name: &str, as_json: bool) -> anyhow::Result<()> {
     let expert_bytes: u64 = m.manifest.experts.iter().map(|x| x.bytes).sum();
     let rows = vec![
         vec!["family".into(), s.family.model_type().into()],
-        vec!["layers".into(), format!("{} ({} with routed experts)", s.num_layers(), s.moe_layers().count())],
+        vec![
+            "layers".into(),
+            format!(
+                "{} ({} with routed experts)",
+                s.num_layers(),
+                s.moe_layers().count()
+            ),
+        ],
         vec!["hidden".into(), s.hidden_size.to_string()],
-        vec!["heads".into(), format!("{} q, {} kv, head_dim {}", s.num_heads, s.num_kv_heads, s.head_dim)],
-        vec!["experts".into(), format!("{} per layer, top {}, intermediate {}", s.moe.num_experts, s.moe.top_k, s.moe.expert_intermediate)],
-        vec!["shared expert".into(), s.moe.shared_expert.map_or("no".into(), |x| format!("intermediate {}", x.intermediate))],
+        vec![
+            "heads".into(),
+            format!(
+                "{} q, {} kv, head_dim {}",
+                s.num_heads, s.num_kv_heads, s.head_dim
+            ),
+        ],
+        vec![
+            "experts".into(),
+            format!(
+                "{} per layer, top {}, intermediate {}",
+                s.moe.num_experts, s.moe.top_k, s.moe.expert_intermediate
+            ),
+        ],
+        vec![
+            "shared expert".into(),
+            s.moe
+                .shared_expert
+                .map_or("no".into(), |x| format!("intermediate {}", x.intermediate)),
+        ],
         vec!["vocab".into(), s.vocab_size.to_string()],
         vec!["context".into(), s.max_position_embeddings.to_string()],
-        vec!["rope".into(), format!("theta {} {:?}", s.rope.theta, s.rope.scaling)],
+        vec![
+            "rope".into(),
+            format!("theta {} {:?}", s.rope.theta, s.rope.scaling),
+        ],
         vec!["expert dtype".into(), m.manifest.expert_dtype.to_string()],
         vec!["expert bytes".into(), human_bytes(expert_bytes)],
         vec!["disk".into(), human_bytes(m.disk_bytes)],

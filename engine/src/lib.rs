@@ -5,6 +5,7 @@ pub mod backend;
 pub mod dtype;
 pub mod forward;
 pub mod kv;
+pub mod model;
 pub mod pack;
 pub mod rope;
 pub mod safetensors_io;

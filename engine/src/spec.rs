@@ -446,11 +446,12 @@ impl Config<'_> {
         };
         // transformers 5 writes `num_local_experts` for every family; the hub's Qwen and OLMoE
         // configs say `num_experts`.
-        let experts_field = if self.get(experts_field).is_none() && self.get("num_local_experts").is_some() {
-            "num_local_experts"
-        } else {
-            experts_field
-        };
+        let experts_field =
+            if self.get(experts_field).is_none() && self.get("num_local_experts").is_some() {
+                "num_local_experts"
+            } else {
+                experts_field
+            };
         let num_experts = self.positive(experts_field)?;
         let top_k = self.positive(topk_field)?;
         if top_k > num_experts {

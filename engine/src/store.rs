@@ -50,7 +50,11 @@ pub enum StoreError {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { what, path: path.display().to_string(), source }
+    move |source| StoreError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// The default state directory: `/var/lib/tileflow` as root, else the XDG data directory.
@@ -101,7 +105,9 @@ pub struct StoredModel {
 impl Store {
     /// The store under `state_dir` (created on first write).
     pub fn new(state_dir: &Path) -> Store {
-        Store { models: state_dir.join("models") }
+        Store {
+            models: state_dir.join("models"),
+        }
     }
 
     /// `<state_dir>/models`.
@@ -114,11 +120,15 @@ impl Store {
         let ok = !name.is_empty()
             && name.len() <= 128
             && !name.starts_with('.')
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
         if ok {
             Ok(())
         } else {
-            Err(StoreError::BadName { name: name.to_string() })
+            Err(StoreError::BadName {
+                name: name.to_string(),
+            })
         }
     }
 
@@ -133,11 +143,19 @@ impl Store {
         let dir = self.model_dir(name)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         if !manifest_path.exists() {
-            return Err(StoreError::NotFound { name: name.into(), dir: self.models.display().to_string() });
+            return Err(StoreError::NotFound {
+                name: name.into(),
+                dir: self.models.display().to_string(),
+            });
         }
         let manifest = Manifest::read(&manifest_path)?;
         let disk_bytes = dir_bytes(&dir)?;
-        Ok(StoredModel { name: name.to_string(), dir, manifest, disk_bytes })
+        Ok(StoredModel {
+            name: name.to_string(),
+            dir,
+            manifest,
+            disk_bytes,
+        })
     }
 
     /// All models, sorted by name. Hidden (temporary) directories are skipped; a directory
@@ -162,7 +180,10 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
         let dir = self.model_dir(name)?;
         if !dir.exists() {
-            return Err(StoreError::NotFound { name: name.into(), dir: self.models.display().to_string() });
+            return Err(StoreError::NotFound {
+                name: name.into(),
+                dir: self.models.display().to_string(),
+            });
         }
         fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))
     }
@@ -171,15 +192,24 @@ impl Store {
     pub fn begin(&self, name: &str) -> Result<PackTxn, StoreError> {
         let dest = self.model_dir(name)?;
         if dest.exists() {
-            return Err(StoreError::Exists { name: name.into(), dir: self.models.display().to_string() });
+            return Err(StoreError::Exists {
+                name: name.into(),
+                dir: self.models.display().to_string(),
+            });
         }
         fs::create_dir_all(&self.models).map_err(io("cannot create", &self.models))?;
-        let tmp = self.models.join(format!(".tmp-{name}-{}", std::process::id()));
+        let tmp = self
+            .models
+            .join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io("cannot clear", &tmp))?;
         }
         fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
-        Ok(PackTxn { tmp, dest, done: false })
+        Ok(PackTxn {
+            tmp,
+            dest,
+            done: false,
+        })
     }
 }
 
@@ -212,8 +242,18 @@ impl PackTxn {
         sync_dir(&self.tmp)?;
         if self.dest.exists() {
             return Err(StoreError::Exists {
-                name: self.dest.file_name().unwrap_or_default().to_string_lossy().into_owned(),
-                dir: self.dest.parent().unwrap_or(&self.dest).display().to_string(),
+                name: self
+                    .dest
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                dir: self
+                    .dest
+                    .parent()
+                    .unwrap_or(&self.dest)
+                    .display()
+                    .to_string(),
             });
         }
         fs::rename(&self.tmp, &self.dest).map_err(io("cannot rename into place", &self.dest))?;
@@ -234,14 +274,19 @@ impl Drop for PackTxn {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot fsync", dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot fsync", dir))
 }
 
 fn dir_bytes(dir: &Path) -> Result<u64, StoreError> {
     let mut total = 0;
     for entry in fs::read_dir(dir).map_err(io("cannot list", dir))? {
         let entry = entry.map_err(io("cannot list", dir))?;
-        total += entry.metadata().map_err(io("cannot stat", &entry.path()))?.len();
+        total += entry
+            .metadata()
+            .map_err(io("cannot stat", &entry.path()))?
+            .len();
     }
     Ok(total)
 }

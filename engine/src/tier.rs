@@ -128,7 +128,12 @@ pub struct ExpertCache {
 
 impl ExpertCache {
     /// A cache of `capacity` slots (at least one) over `source` (the pack's experts.tiles).
-    pub fn new(manifest: Arc<Manifest>, source: Box<dyn TileSource>, capacity: usize, verify: Verify) -> ExpertCache {
+    pub fn new(
+        manifest: Arc<Manifest>,
+        source: Box<dyn TileSource>,
+        capacity: usize,
+        verify: Verify,
+    ) -> ExpertCache {
         let n = manifest.experts.len();
         ExpertCache {
             model: manifest.name.clone(),
@@ -169,13 +174,24 @@ impl ExpertCache {
             }
         };
         self.slots[slot].last_used = self.clock;
-        let extent = self.manifest.extent(layer, expert).ok_or_else(|| self.no_such(key))?;
+        let extent = self
+            .manifest
+            .extent(layer, expert)
+            .ok_or_else(|| self.no_such(key))?;
         let bytes = &self.slots[slot].buf[..extent.bytes as usize];
-        Ok(ExpertView { bytes, dtype: self.manifest.expert_dtype, extent })
+        Ok(ExpertView {
+            bytes,
+            dtype: self.manifest.expert_dtype,
+            extent,
+        })
     }
 
     fn no_such(&self, (layer, expert): (usize, usize)) -> TierError {
-        TierError::NoSuchExpert { model: self.model.clone(), layer, expert }
+        TierError::NoSuchExpert {
+            model: self.model.clone(),
+            layer,
+            expert,
+        }
     }
 
     /// Reads `key` into a free or the least recently used slot.
@@ -189,25 +205,35 @@ impl ExpertCache {
         let len = extent.bytes as usize;
         let slot = if self.slots.len() < self.capacity {
             let buf = AlignedBuf::new(len).map_err(|_| TierError::Alloc { bytes: len })?;
-            self.slots.push(Slot { key, buf, last_used: 0 });
+            self.slots.push(Slot {
+                key,
+                buf,
+                last_used: 0,
+            });
             self.slots.len() - 1
         } else {
-            let victim = (0..self.slots.len()).min_by_key(|&i| self.slots[i].last_used).unwrap_or(0);
+            let victim = (0..self.slots.len())
+                .min_by_key(|&i| self.slots[i].last_used)
+                .unwrap_or(0);
             self.index.remove(&self.slots[victim].key);
             self.stats.evictions += 1;
             if self.slots[victim].buf.len() < len {
-                self.slots[victim].buf = AlignedBuf::new(len).map_err(|_| TierError::Alloc { bytes: len })?;
+                self.slots[victim].buf =
+                    AlignedBuf::new(len).map_err(|_| TierError::Alloc { bytes: len })?;
             }
             victim
         };
         let buf = &mut self.slots[slot].buf[..len];
-        let read = self.source.read_at(extent.offset, buf).map_err(|source| TierError::Read {
-            model: self.model.clone(),
-            layer: key.0,
-            expert: key.1,
-            offset: extent.offset,
-            source,
-        });
+        let read = self
+            .source
+            .read_at(extent.offset, buf)
+            .map_err(|source| TierError::Read {
+                model: self.model.clone(),
+                layer: key.0,
+                expert: key.1,
+                offset: extent.offset,
+                source,
+            });
         if let Err(e) = read {
             self.slots.swap_remove(slot);
             self.rebuild_index();
@@ -243,6 +269,68 @@ impl ExpertCache {
     }
 
     fn rebuild_index(&mut self) {
-        self.index = self.slots.iter().enumerate().map(|(i, s)| (s.key, i)).collect();
+        self.index = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key, i))
+            .collect();
+    }
+}
+
+impl ExpertCache {
+    /// The bytes of (layer, expert) if it is resident, without touching recency.
+    pub fn peek(&self, layer: usize, expert: usize) -> Option<ExpertView<'_>> {
+        let slot = *self.index.get(&(layer, expert))?;
+        let extent = self.manifest.extent(layer, expert)?;
+        let bytes = &self.slots[slot].buf[..extent.bytes as usize];
+        Some(ExpertView {
+            bytes,
+            dtype: self.manifest.expert_dtype,
+            extent,
+        })
+    }
+}
+
+impl crate::forward::ExpertProvider for ExpertCache {
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn prepare(
+        &mut self,
+        layer: usize,
+        experts: &[usize],
+    ) -> Result<(), crate::forward::EngineError> {
+        for &expert in experts {
+            self.get(layer, expert)
+                .map_err(|e| crate::forward::EngineError::ExpertRead {
+                    layer,
+                    expert,
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn expert(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<crate::backend::ExpertRef<'_>, crate::forward::EngineError> {
+        let view = self.peek(layer, expert).ok_or_else(|| {
+            crate::forward::EngineError::ExpertUnavailable {
+                layer,
+                expert,
+                reason: "it was not prepared (or was evicted) before use".into(),
+            }
+        })?;
+        Ok(crate::backend::ExpertRef {
+            bytes: view.bytes,
+            dtype: view.dtype,
+            gate: view.extent.gate,
+            up: view.extent.up,
+            down: view.extent.down,
+        })
     }
 }

@@ -5,7 +5,10 @@ use std::process::{Command, Output};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// A golden fixture directory (`tests/fixtures/<family>`).
@@ -22,7 +25,11 @@ pub const FAMILIES: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -68,6 +75,10 @@ pub fn tilectl(state: &Path, args: &[&str]) -> Run {
 /// Runs `tilectl` and panics with its output if it failed.
 pub fn tilectl_ok(state: &Path, args: &[&str]) -> Run {
     let run = tilectl(state, args);
-    assert!(run.ok, "tilectl {args:?} failed:\n{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.ok,
+        "tilectl {args:?} failed:\n{}\n{}",
+        run.stdout, run.stderr
+    );
     run
 }

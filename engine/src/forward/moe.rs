@@ -13,13 +13,19 @@ use crate::weights::{SharedExpertWeights, SwigluWeights};
 /// Where the forward pass gets routed experts' weights (the tier cache over `experts.tiles`,
 /// or memory in tests).
 ///
-/// Per MoE layer and step, the forward pass calls [`ExpertProvider::prepare`] once with every
-/// expert the router selected, then [`ExpertProvider::expert`] for each of them. Holding
-/// several [`ExpertRef`]s at once (they borrow `&self`) lets a backend compute them together.
+/// Per MoE layer and step, the forward pass calls [`ExpertProvider::prepare`] with the experts
+/// the router selected, at most [`ExpertProvider::capacity`] at a time, then
+/// [`ExpertProvider::expert`] for each of them. Holding several [`ExpertRef`]s at once (they
+/// borrow `&self`) lets a backend compute them together.
 pub trait ExpertProvider {
-    /// Makes the listed experts of `layer` (ascending, no repeats) available: on return,
-    /// [`ExpertProvider::expert`] must succeed for each. A caching provider issues or waits
-    /// on fetches here.
+    /// How many experts can be prepared at once (a cache's slot budget).
+    fn capacity(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Makes the listed experts of `layer` (ascending, no repeats, at most
+    /// [`ExpertProvider::capacity`]) available: on return, [`ExpertProvider::expert`] must
+    /// succeed for each. A caching provider issues or waits on fetches here.
     fn prepare(&mut self, layer: usize, experts: &[usize]) -> Result<(), EngineError>;
 
     /// The weights of an expert prepared for the current layer.
@@ -181,23 +187,27 @@ pub(super) fn moe_block<B: Backend, P: ExpertProvider>(
             reason: format!("the router chose it but the layer has {}", moe.num_experts),
         });
     }
-    let groups = group_by_expert(&routing);
-    let selected: Vec<usize> = groups.keys().copied().collect();
-    experts.prepare(layer, &selected)?;
-    let work = groups
-        .into_iter()
-        .map(|(expert, (rows, scales))| {
-            Ok(ExpertWork {
-                expert,
-                weights: experts.expert(layer, expert)?,
-                rows,
-                scales,
-            })
-        })
-        .collect::<Result<Vec<_>, EngineError>>()?;
+    let groups: Vec<_> = group_by_expert(&routing).into_iter().collect();
     let err = EngineError::at(layer, "experts");
     let mut out = backend.zeros(rows, hidden).map_err(err)?;
-    backend.experts(h, &work, &mut out).map_err(err)?;
+    // Experts go in ascending order, as many at a time as the provider can hold; the sum
+    // per token is the same whatever the budget.
+    for batch in groups.chunks(experts.capacity().max(1)) {
+        let selected: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
+        experts.prepare(layer, &selected)?;
+        let work = batch
+            .iter()
+            .map(|(expert, (rows, scales))| {
+                Ok(ExpertWork {
+                    expert: *expert,
+                    weights: experts.expert(layer, *expert)?,
+                    rows: rows.clone(),
+                    scales: scales.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        backend.experts(h, &work, &mut out).map_err(err)?;
+    }
     if let Some(s) = shared {
         let y = swiglu_mlp(backend, h, &s.mlp, layer)?;
         let err = EngineError::at(layer, "shared expert");

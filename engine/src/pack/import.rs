@@ -31,7 +31,10 @@ enum ExpertLayout {
     /// One tensor per expert projection.
     PerExpert,
     /// `gate_up_proj` `[E, 2I, H]` and `down_proj` `[E, H, I]`.
-    Fused { gate_up: TensorInfo, down: TensorInfo },
+    Fused {
+        gate_up: TensorInfo,
+        down: TensorInfo,
+    },
 }
 
 /// A checkpoint directory checked against its config, ready to pack.
@@ -47,9 +50,11 @@ pub struct CheckpointSource {
 impl CheckpointSource {
     /// Opens `dir`, parses its config.json and checks every tensor's presence, shape and type.
     pub fn open(dir: &Path) -> Result<CheckpointSource, PackError> {
-        let spec = ModelSpec::from_config_file(&dir.join("config.json")).map_err(|e| PackError::Other {
-            what: format!("cannot import {}", dir.display()),
-            source: Box::new(e),
+        let spec = ModelSpec::from_config_file(&dir.join("config.json")).map_err(|e| {
+            PackError::Other {
+                what: format!("cannot import {}", dir.display()),
+                source: Box::new(e),
+            }
         })?;
         if !dir.join("tokenizer.json").is_file() {
             return Err(PackError::Source(format!(
@@ -59,7 +64,10 @@ impl CheckpointSource {
         }
         let checkpoint = Checkpoint::open(dir)?;
         let mut seen = BTreeSet::new();
-        let expect = |name: &str, shape: &[usize], seen: &mut BTreeSet<String>| -> Result<TensorInfo, PackError> {
+        let expect = |name: &str,
+                      shape: &[usize],
+                      seen: &mut BTreeSet<String>|
+         -> Result<TensorInfo, PackError> {
             let info = checkpoint.get(name).ok_or_else(|| {
                 PackError::Source(format!("{}: missing tensor {name}", dir.display()))
             })?;
@@ -128,7 +136,13 @@ impl CheckpointSource {
             )));
         }
         let expert_dtype = expert_dtype.map(|(d, _)| d).unwrap_or(Dtype::BF16);
-        Ok(CheckpointSource { dir: dir.to_path_buf(), spec, checkpoint, expert_dtype, layouts })
+        Ok(CheckpointSource {
+            dir: dir.to_path_buf(),
+            spec,
+            checkpoint,
+            expert_dtype,
+            layouts,
+        })
     }
 }
 
@@ -149,19 +163,28 @@ impl PackSource for CheckpointSource {
     fn dense_entries(&self) -> Vec<(String, Dtype, Vec<usize>)> {
         dense_tensors(&self.spec)
             .into_iter()
-            .filter_map(|(name, shape)| self.checkpoint.get(&name).map(|info| (name, info.dtype, shape)))
+            .filter_map(|(name, shape)| {
+                self.checkpoint
+                    .get(&name)
+                    .map(|info| (name, info.dtype, shape))
+            })
             .collect()
     }
 
     fn read_dense(&self, name: &str) -> Result<Vec<u8>, PackError> {
-        let info = self
-            .checkpoint
-            .get(name)
-            .ok_or_else(|| PackError::Source(format!("{}: missing tensor {name}", self.dir.display())))?;
+        let info = self.checkpoint.get(name).ok_or_else(|| {
+            PackError::Source(format!("{}: missing tensor {name}", self.dir.display()))
+        })?;
         Ok(self.checkpoint.read_raw(info)?)
     }
 
-    fn read_expert(&self, layer: usize, expert: usize, proj: Projection, out: &mut [u8]) -> Result<(), PackError> {
+    fn read_expert(
+        &self,
+        layer: usize,
+        expert: usize,
+        proj: Projection,
+        out: &mut [u8],
+    ) -> Result<(), PackError> {
         let layout = self
             .layouts
             .get(&layer)
@@ -169,10 +192,9 @@ impl PackSource for CheckpointSource {
         match layout {
             ExpertLayout::PerExpert => {
                 let name = expert_tensor(&self.spec, layer, expert, proj);
-                let info = self
-                    .checkpoint
-                    .get(&name)
-                    .ok_or_else(|| PackError::Source(format!("{}: missing tensor {name}", self.dir.display())))?;
+                let info = self.checkpoint.get(&name).ok_or_else(|| {
+                    PackError::Source(format!("{}: missing tensor {name}", self.dir.display()))
+                })?;
                 self.checkpoint.read_raw_into(info, out)?;
             }
             ExpertLayout::Fused { gate_up, down } => {
@@ -209,7 +231,11 @@ impl PackSource for CheckpointSource {
             .map(|path| {
                 let (bytes, header) = header_digest(path).unwrap_or((0, String::new()));
                 SourceDigest {
-                    file: path.strip_prefix(&self.dir).unwrap_or(path).display().to_string(),
+                    file: path
+                        .strip_prefix(&self.dir)
+                        .unwrap_or(path)
+                        .display()
+                        .to_string(),
                     bytes,
                     header_xxh3: header,
                 }

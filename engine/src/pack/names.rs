@@ -6,18 +6,28 @@ use crate::spec::{Family, LayerMlp, ModelSpec, QkNorm};
 /// Every dense (non-routed-expert) tensor the spec implies, with its shape, in a stable order.
 pub fn dense_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
     let h = spec.hidden_size;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![spec.vocab_size, h])];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![spec.vocab_size, h],
+    )];
     for (l, layer) in spec.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (name, rows) in [("q", spec.q_dim()), ("k", spec.kv_dim()), ("v", spec.kv_dim())] {
+        for (name, rows) in [
+            ("q", spec.q_dim()),
+            ("k", spec.kv_dim()),
+            ("v", spec.kv_dim()),
+        ] {
             out.push((format!("{p}.self_attn.{name}_proj.weight"), vec![rows, h]));
             if spec.qkv_bias {
                 out.push((format!("{p}.self_attn.{name}_proj.bias"), vec![rows]));
             }
         }
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, spec.q_dim()]));
+        out.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, spec.q_dim()],
+        ));
         if spec.o_bias {
             out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
         }
@@ -40,7 +50,11 @@ pub fn dense_tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
                 let m = format!("{p}.{}", spec.family.moe_module());
                 out.push((format!("{m}.gate.weight"), vec![spec.moe.num_experts, h]));
                 if let Some(shared) = spec.moe.shared_expert {
-                    out.extend(swiglu(&format!("{m}.shared_expert"), h, shared.intermediate));
+                    out.extend(swiglu(
+                        &format!("{m}.shared_expert"),
+                        h,
+                        shared.intermediate,
+                    ));
                     out.push((format!("{m}.shared_expert_gate.weight"), vec![1, h]));
                 }
             }
@@ -89,9 +103,19 @@ pub fn projection_shape(spec: &ModelSpec, proj: Projection) -> [usize; 2] {
 /// `[E, H, I]`.
 pub fn fused_expert_tensors(spec: &ModelSpec, layer: usize) -> [(String, Vec<usize>); 2] {
     let m = spec.family.moe_module();
-    let (e, h, i) = (spec.moe.num_experts, spec.hidden_size, spec.moe.expert_intermediate);
+    let (e, h, i) = (
+        spec.moe.num_experts,
+        spec.hidden_size,
+        spec.moe.expert_intermediate,
+    );
     [
-        (format!("model.layers.{layer}.{m}.experts.gate_up_proj"), vec![e, 2 * i, h]),
-        (format!("model.layers.{layer}.{m}.experts.down_proj"), vec![e, h, i]),
+        (
+            format!("model.layers.{layer}.{m}.experts.gate_up_proj"),
+            vec![e, 2 * i, h],
+        ),
+        (
+            format!("model.layers.{layer}.{m}.experts.down_proj"),
+            vec![e, h, i],
+        ),
     ]
 }

@@ -61,7 +61,13 @@ pub trait PackSource: Sync {
     /// The bytes of one dense tensor.
     fn read_dense(&self, name: &str) -> Result<Vec<u8>, PackError>;
     /// Fills `out` (exactly rows*cols*size bytes) with one expert projection.
-    fn read_expert(&self, layer: usize, expert: usize, proj: Projection, out: &mut [u8]) -> Result<(), PackError>;
+    fn read_expert(
+        &self,
+        layer: usize,
+        expert: usize,
+        proj: Projection,
+        out: &mut [u8],
+    ) -> Result<(), PackError>;
     /// Writes the non-tensor files (config.json, tokenizer files) into `dir`.
     fn write_aux_files(&self, dir: &Path) -> Result<(), PackError>;
     /// Where the weights come from, for the manifest.
@@ -88,13 +94,19 @@ pub fn write_pack(
     let spec = source.spec();
     let dtype = source.expert_dtype();
     let dense = source.dense_entries();
-    let proj_bytes = projection_shape(spec, Projection::Gate).iter().product::<usize>() * dtype.size();
+    let proj_bytes = projection_shape(spec, Projection::Gate)
+        .iter()
+        .product::<usize>()
+        * dtype.size();
     let expert_bytes = 3 * proj_bytes;
     let experts: Vec<(usize, usize)> = spec
         .moe_layers()
         .flat_map(|l| (0..spec.moe.num_experts).map(move |e| (l, e)))
         .collect();
-    let dense_total: u64 = dense.iter().map(|(_, d, s)| (s.iter().product::<usize>() * d.size()) as u64).sum();
+    let dense_total: u64 = dense
+        .iter()
+        .map(|(_, d, s)| (s.iter().product::<usize>() * d.size()) as u64)
+        .sum();
     let total = dense_total + (experts.len() * expert_bytes) as u64;
     let mut done = 0u64;
 
@@ -111,7 +123,10 @@ pub fn write_pack(
 
     // Experts: batches read in parallel, written in order, each extent 4096-aligned.
     let experts_path = dir.join(EXPERTS_FILE);
-    let werr = |source| PackError::Write { path: experts_path.display().to_string(), source };
+    let werr = |source| PackError::Write {
+        path: experts_path.display().to_string(),
+        source,
+    };
     let file = File::create(&experts_path).map_err(werr)?;
     let mut out = BufWriter::with_capacity(8 << 20, file);
     let per_batch = (BATCH_BYTES / expert_bytes.max(1)).max(1);
@@ -178,7 +193,9 @@ pub fn write_pack(
         what: "cannot encode the manifest".into(),
         source: Box::new(e),
     })?;
-    std::fs::write(&manifest_path, json)
-        .map_err(|source| PackError::Write { path: manifest_path.display().to_string(), source })?;
+    std::fs::write(&manifest_path, json).map_err(|source| PackError::Write {
+        path: manifest_path.display().to_string(),
+        source,
+    })?;
     Ok(manifest)
 }

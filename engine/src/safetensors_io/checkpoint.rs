@@ -211,7 +211,12 @@ impl Checkpoint {
 
     /// Reads `buf.len()` bytes starting `at` bytes into a tensor's data (one expert of a fused
     /// 3-D tensor, say).
-    pub fn read_range(&self, info: &TensorInfo, at: u64, buf: &mut [u8]) -> Result<(), SafetensorsError> {
+    pub fn read_range(
+        &self,
+        info: &TensorInfo,
+        at: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SafetensorsError> {
         let len = buf.len() as u64;
         if at.checked_add(len).is_none_or(|end| end > info.len) {
             return Err(SafetensorsError::BufferLength {

@@ -1,0 +1,238 @@
+//! Opening a tile pack from the store as a runnable model on the CPU backend.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tileflow_spdk::FileSource;
+
+use crate::backend::cpu::CpuBackend;
+use crate::forward::{EngineError, KvCacheConfig, ModelRunner};
+use crate::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
+use crate::safetensors_io::{Checkpoint, SafetensorsError};
+use crate::store::{Store, StoreError};
+use crate::tier::{ExpertCache, Verify};
+use crate::weights::TensorLoader;
+
+/// Why a model could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The store could not give the pack.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// dense.safetensors could not be read.
+    #[error("model {model}: cannot read {path}")]
+    Dense {
+        /// Model name.
+        model: String,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: SafetensorsError,
+    },
+    /// experts.tiles could not be opened.
+    #[error("model {model}: cannot open {path}")]
+    Experts {
+        /// Model name.
+        model: String,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: tileflow_spdk::StorageError,
+    },
+    /// experts.tiles is shorter than the manifest says.
+    #[error("model {model}: {path} has {actual} bytes but the manifest needs {expected}")]
+    ShortExperts {
+        /// Model name.
+        model: String,
+        /// The file.
+        path: String,
+        /// Bytes the manifest needs.
+        expected: u64,
+        /// Bytes on disk.
+        actual: u64,
+    },
+    /// The engine refused the weights.
+    #[error("model {model}: cannot build the engine")]
+    Engine {
+        /// Model name.
+        model: String,
+        /// Why.
+        #[source]
+        source: EngineError,
+    },
+}
+
+/// How to open a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Routed-expert slots (default: every expert of the model).
+    pub expert_slots: Option<usize>,
+    /// When to verify expert checksums.
+    pub verify: Verify,
+    /// KV cache size.
+    pub kv: KvCacheConfig,
+    /// CPU threads (default: rayon's).
+    pub threads: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions {
+            expert_slots: None,
+            verify: Verify::First,
+            kv: KvCacheConfig::default(),
+            threads: None,
+        }
+    }
+}
+
+/// A model opened from the store.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Its name.
+    pub name: String,
+    /// Its pack directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Arc<Manifest>,
+    /// The engine over it.
+    pub runner: ModelRunner<CpuBackend, ExpertCache>,
+}
+
+/// Reads dense tensors from a pack's dense.safetensors as f32.
+#[derive(Debug)]
+pub struct DenseLoader {
+    checkpoint: Checkpoint,
+}
+
+/// Why a dense tensor could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DenseLoadError {
+    /// Not in the file.
+    #[error("{file}: no tensor {name}")]
+    Missing {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: String,
+    },
+    /// Not the shape the spec implies.
+    #[error("{file}: tensor {name} has shape {actual:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        file: String,
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        actual: Vec<usize>,
+        /// The spec's shape.
+        expected: Vec<usize>,
+    },
+    /// Reading failed.
+    #[error(transparent)]
+    Read(#[from] SafetensorsError),
+}
+
+impl DenseLoader {
+    /// Opens a safetensors file.
+    pub fn open(path: &Path) -> Result<DenseLoader, SafetensorsError> {
+        Ok(DenseLoader {
+            checkpoint: Checkpoint::open(path)?,
+        })
+    }
+}
+
+impl TensorLoader for DenseLoader {
+    type Error = DenseLoadError;
+
+    fn has(&self, name: &str) -> bool {
+        self.checkpoint.get(name).is_some()
+    }
+
+    fn load_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, DenseLoadError> {
+        let file = || {
+            self.checkpoint
+                .files()
+                .first()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
+        let info = self
+            .checkpoint
+            .get(name)
+            .ok_or_else(|| DenseLoadError::Missing {
+                file: file(),
+                name: name.to_string(),
+            })?;
+        if info.shape != shape {
+            return Err(DenseLoadError::Shape {
+                file: file(),
+                name: name.to_string(),
+                actual: info.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(self.checkpoint.read_f32(info)?)
+    }
+}
+
+impl LoadedModel {
+    /// Opens `name` from `store`.
+    pub fn open(
+        store: &Store,
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<LoadedModel, LoadError> {
+        let stored = store.get(name)?;
+        let manifest = Arc::new(stored.manifest);
+        let dense_path = stored.dir.join(DENSE_FILE);
+        let mut dense = DenseLoader::open(&dense_path).map_err(|source| LoadError::Dense {
+            model: name.to_string(),
+            path: dense_path.display().to_string(),
+            source,
+        })?;
+        let experts_path = stored.dir.join(EXPERTS_FILE);
+        let source = FileSource::open(&experts_path).map_err(|source| LoadError::Experts {
+            model: name.to_string(),
+            path: experts_path.display().to_string(),
+            source,
+        })?;
+        use tileflow_spdk::TileSource;
+        if source.len() < manifest.experts_file_bytes {
+            return Err(LoadError::ShortExperts {
+                model: name.to_string(),
+                path: experts_path.display().to_string(),
+                expected: manifest.experts_file_bytes,
+                actual: source.len(),
+            });
+        }
+        let slots = options
+            .expert_slots
+            .unwrap_or(manifest.experts.len())
+            .max(1);
+        let cache = ExpertCache::new(manifest.clone(), Box::new(source), slots, options.verify);
+        let backend = match options.threads {
+            Some(n) => CpuBackend::with_threads(n),
+            None => CpuBackend::new(),
+        };
+        let runner = ModelRunner::load(
+            manifest.spec.clone(),
+            backend,
+            &mut dense,
+            cache,
+            options.kv.clone(),
+        )
+        .map_err(|source| LoadError::Engine {
+            model: name.to_string(),
+            source,
+        })?;
+        Ok(LoadedModel {
+            name: name.to_string(),
+            dir: stored.dir,
+            manifest,
+            runner,
+        })
+    }
+}
