@@ -1,1 +1,3 @@
 //! The TileFlow engine.
+
+pub mod sampler;
