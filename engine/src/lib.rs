@@ -1,3 +1,5 @@
 //! The TileFlow engine.
 
 pub mod sampler;
+pub mod synth_tokenizer;
+pub mod tokenizer;
