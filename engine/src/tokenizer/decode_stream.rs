@@ -60,8 +60,8 @@ impl DecodeStream {
         Ok(out)
     }
 
-    /// Text held back at the end of generation (an incomplete character becomes U+FFFD, as in
-    /// a full decode). The stream can keep going afterwards.
+    /// Text still held back when generation ends (an incomplete character becomes U+FFFD, as
+    /// in a full decode). Call once, after the last [`push`](Self::push).
     pub fn flush(&mut self) -> Result<Option<String>, TokenizerError> {
         let delta = self.delta()?;
         if delta.is_some() {

@@ -413,3 +413,83 @@ fn decode_stream_emits_only_whole_characters() {
     assert_eq!(stream.push_all(&emoji[..emoji.len() - 1]).unwrap(), "");
     assert_eq!(stream.flush().unwrap().as_deref(), Some("\u{FFFD}"));
 }
+
+/// A Llama/Mixtral-style tokenizer: SentencePiece-like normalizer (`▁` for spaces, prepended),
+/// byte-fallback BPE and the decoder chain that strips the first leading space.
+fn llama_style_dir() -> tempfile::TempDir {
+    let mut vocab = serde_json::Map::new();
+    for (id, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert((*t).to_owned(), json!(id));
+    }
+    for b in 0..=255u32 {
+        vocab.insert(format!("<0x{b:02X}>"), json!(3 + b));
+    }
+    let pieces = [
+        "▁", "H", "e", "l", "o", "w", "r", "d", "▁H", "▁He", "ll", "▁Hell", "▁Hello",
+    ];
+    for (i, t) in pieces.iter().enumerate() {
+        vocab.insert((*t).to_owned(), json!(259 + i));
+    }
+    let special = |id: u32, content: &str| {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "vocab": vocab,
+            "merges": ["▁ H", "▁H e", "l l", "▁He ll", "▁Hell o"]},
+    });
+    let dir = tempfile::tempdir().unwrap();
+    write_json(dir.path(), "tokenizer.json", &tokenizer);
+    write_json(
+        dir.path(),
+        "tokenizer_config.json",
+        &json!({
+            "bos_token": "<s>", "eos_token": "</s>", "chat_template": MIXTRAL_TEMPLATE,
+        }),
+    );
+    dir
+}
+
+#[test]
+fn sentencepiece_style_tokenizers_add_bos_and_stream() {
+    let dir = llama_style_dir();
+    let tok = TextTokenizer::from_dir(dir.path()).unwrap();
+    let text = "Hello  world 😀 日本\nHello";
+    let ids = tok.encode(text, true).unwrap();
+    assert_eq!(&ids[..2], [1, 271], "<s> then ▁Hello");
+    assert_eq!(tok.encode(text, false).unwrap(), ids[1..]);
+    assert_eq!(tok.decode(&ids, true).unwrap(), text);
+    assert_eq!(tok.eos_token_ids(), [2]);
+    let mut stream = tok.decode_stream(true);
+    let deltas: Vec<String> = ids
+        .iter()
+        .filter_map(|&id| stream.push(id).unwrap())
+        .collect();
+    assert_eq!(
+        deltas[0], "Hello",
+        "the first token's leading space is stripped once"
+    );
+    assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "{deltas:?}");
+    assert_eq!(deltas.concat(), text);
+    let prompt = tok
+        .apply_chat_template(&msgs(&[("user", "hi")]), true)
+        .unwrap();
+    assert_eq!(prompt, "<s>[INST] hi [/INST]");
+}
