@@ -155,6 +155,8 @@ pub struct Sampler {
     rng: Xoshiro256,
     /// Reused candidate buffer (ids of the tokens still in play).
     candidates: Vec<u32>,
+    /// Reused per-token weights of the current step.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -169,6 +171,7 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            weights: Vec::new(),
         })
     }
 
@@ -203,10 +206,14 @@ impl Sampler {
 
     /// Temperature, then top-k, then top-p, then a draw from what is left.
     fn draw(&mut self, logits: &[f32], stats: &LogitStats) -> u32 {
-        let inv_t = 1.0 / f64::from(self.params.temperature);
-        // Relative weights after temperature; the most likely token weighs 1.
-        let weight =
-            |id: u32| ((f64::from(logits[id as usize]) - f64::from(stats.max)) * inv_t).exp();
+        // Relative weights after temperature, the most likely token weighing 1; computed once
+        // per step (f32 exp, f64 sums) because every stage below reads them.
+        let inv_t = 1.0 / self.params.temperature;
+        self.weights.clear();
+        self.weights
+            .extend(logits.iter().map(|&x| ((x - stats.max) * inv_t).exp()));
+        let weights = &self.weights;
+        let weight = |id: u32| f64::from(weights[id as usize]);
         let top_p = f64::from(self.params.top_p);
         let top_k = self.params.top_k;
         let cands = &mut self.candidates;
@@ -319,7 +326,7 @@ fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
 struct LogitStats {
     argmax: u32,
     max: f32,
-    /// log Σ exp(logit), accumulated in f64 around the max for stability.
+    /// log Σ exp(logit): terms taken relative to the max (no overflow), summed in f64.
     log_sum_exp: f64,
 }
 
@@ -345,10 +352,7 @@ impl LogitStats {
                 vocab: logits.len(),
             });
         }
-        let sum: f64 = logits
-            .iter()
-            .map(|&x| (f64::from(x) - f64::from(max)).exp())
-            .sum();
+        let sum: f64 = logits.iter().map(|&x| f64::from((x - max).exp())).sum();
         Ok(Self {
             argmax: u32::try_from(argmax).unwrap_or(0),
             max,
