@@ -1,0 +1,369 @@
+//! Choosing the next token from the model's logits, and deciding when a sequence is finished.
+//!
+//! [`Sampler`] applies temperature, top-k and top-p in that order (as HF transformers and vLLM
+//! do) and reports log-probabilities under the unmodified model distribution, which is what the
+//! OpenAI API's `logprobs` means. [`StopChecker`] turns sampled tokens and their text into
+//! finish reasons and the text that may be shown.
+
+mod rng;
+mod stop;
+
+use serde::{Deserialize, Serialize};
+
+use rng::Xoshiro256;
+pub use stop::{FinishReason, StopChecker, StopReason, StopStep};
+
+/// Most alternatives one position may report (the OpenAI API's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// Errors of sampling parameters or of the logits handed to the sampler.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplerError {
+    /// A sampling parameter is out of range.
+    #[error("invalid sampling parameter `{field}`: {reason}")]
+    InvalidParam {
+        /// The parameter's name as the API spells it (`stop[1]` for an element).
+        field: String,
+        /// What is allowed.
+        reason: String,
+    },
+    /// The logits slice is empty.
+    #[error("cannot sample from an empty logits vector")]
+    EmptyLogits,
+    /// The logits vector is longer than token ids can count.
+    #[error("logits vector of length {len} exceeds the u32 token id range")]
+    TooManyLogits {
+        /// Length of the logits vector.
+        len: usize,
+    },
+    /// A logit is NaN or +∞ (the forward pass overflowed).
+    #[error("logit of token {id} is {value}, not a finite number")]
+    NonFiniteLogit {
+        /// The token whose logit is bad.
+        id: usize,
+        /// The bad value.
+        value: f32,
+    },
+    /// Every logit is −∞, so no token can be chosen.
+    #[error("every one of the {vocab} logits is -inf")]
+    AllMasked {
+        /// Length of the logits vector.
+        vocab: usize,
+    },
+}
+
+/// How one sequence is sampled and when it stops. Defaults are the OpenAI API's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 turns the filter off.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 is off.
+    pub top_p: f32,
+    /// Seed of the sequence's random stream; `None` draws one from OS entropy.
+    pub seed: Option<u64>,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Strings that end generation; the text is cut before the first one.
+    pub stop: Vec<String>,
+    /// Token ids that end generation (in addition to EOS); their text is not returned.
+    pub stop_token_ids: Vec<u32>,
+    /// Report this many most likely alternatives per position (0..=20); `None` reports none.
+    pub logprobs: Option<usize>,
+    /// Keep generating past EOS tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            max_tokens: 16,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of at most `max_tokens` tokens.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self {
+            temperature: 0.0,
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field's range; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        let bad = |field: &str, reason: &str| {
+            Err(SamplerError::InvalidParam {
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature", "must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "must be at least 1");
+        }
+        if self.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+            return bad("logprobs", "must be between 0 and 20");
+        }
+        if let Some(i) = self.stop.iter().position(String::is_empty) {
+            return bad(&format!("stop[{i}]"), "must not be empty");
+        }
+        Ok(())
+    }
+
+    fn is_greedy(&self) -> bool {
+        // Below this the distribution is argmax in f64 for any realistic logit gap.
+        self.temperature < 1e-5
+    }
+}
+
+/// One sampled position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    /// The chosen token.
+    pub id: u32,
+    /// Its log-probability under the model's distribution (log-softmax of the raw logits,
+    /// before temperature and filtering).
+    pub logprob: f32,
+    /// The `logprobs` most likely tokens and their log-probabilities, most likely first, ties
+    /// broken by the lower id; empty when `logprobs` is `None` or 0.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Samples the tokens of one sequence; owns its random stream so that a seeded sequence is
+/// reproducible regardless of what else is batched with it.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Xoshiro256,
+    /// Reused candidate buffer (ids of the tokens still in play).
+    candidates: Vec<u32>,
+    /// Reused per-token weights of the current step.
+    weights: Vec<f32>,
+}
+
+impl Sampler {
+    /// A sampler for `params` (validated here); seeded from `params.seed` or OS entropy.
+    pub fn new(params: SamplingParams) -> Result<Self, SamplerError> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(seed) => Xoshiro256::from_seed(seed),
+            None => Xoshiro256::from_entropy(),
+        };
+        Ok(Self {
+            params,
+            rng,
+            candidates: Vec::new(),
+            weights: Vec::new(),
+        })
+    }
+
+    /// The parameters this sampler was made with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Chooses the next token from one position's logits (one per vocabulary entry; −∞ masks
+    /// a token).
+    pub fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, SamplerError> {
+        let stats = LogitStats::scan(logits)?;
+        let id = if self.params.is_greedy() {
+            stats.argmax
+        } else {
+            self.draw(logits, &stats)
+        };
+        let logprob = stats.logprob(logits[id as usize]);
+        let top_logprobs = match self.params.logprobs {
+            Some(n) if n > 0 => top_n(logits, n)
+                .into_iter()
+                .map(|t| (t, stats.logprob(logits[t as usize])))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(SampledToken {
+            id,
+            logprob,
+            top_logprobs,
+        })
+    }
+
+    /// Temperature, then top-k, then top-p, then a draw from what is left.
+    fn draw(&mut self, logits: &[f32], stats: &LogitStats) -> u32 {
+        // Relative weights after temperature, the most likely token weighing 1; computed once
+        // per step (f32 exp, f64 sums) because every stage below reads them.
+        let inv_t = 1.0 / self.params.temperature;
+        self.weights.clear();
+        self.weights
+            .extend(logits.iter().map(|&x| ((x - stats.max) * inv_t).exp()));
+        let weights = &self.weights;
+        let weight = |id: u32| f64::from(weights[id as usize]);
+        let top_p = f64::from(self.params.top_p);
+        let top_k = self.params.top_k;
+        let cands = &mut self.candidates;
+        cands.clear();
+        let target =
+            if top_k > 0 && top_k < logits.len() {
+                cands.extend(top_n(logits, top_k));
+                cands.retain(|&id| logits[id as usize] > f32::NEG_INFINITY);
+                top_p * cands.iter().map(|&id| weight(id)).sum::<f64>()
+            } else if top_p < 1.0 {
+                // The top-p set is a prefix of the tokens sorted by weight, so it lies within any
+                // {weight >= cutoff} whose mass already reaches the target: sort only that set,
+                // lowering the cutoff until it does. Same result as sorting everything.
+                let all = || (0..logits.len()).filter_map(|i| u32::try_from(i).ok());
+                let target = top_p * all().map(weight).sum::<f64>();
+                let mut cutoff = 1e-4;
+                loop {
+                    cands.clear();
+                    cands.extend(all().filter(|&id| {
+                        logits[id as usize] > f32::NEG_INFINITY && weight(id) >= cutoff
+                    }));
+                    let mass: f64 = cands.iter().map(|&id| weight(id)).sum();
+                    if mass >= target || cutoff == 0.0 {
+                        break target;
+                    }
+                    cutoff = if cutoff < 1e-30 { 0.0 } else { cutoff * 1e-4 };
+                }
+            } else {
+                cands.extend((0..logits.len()).filter_map(|i| {
+                    let id = u32::try_from(i).ok()?;
+                    (logits[i] > f32::NEG_INFINITY).then_some(id)
+                }));
+                f64::INFINITY
+            };
+        if top_p < 1.0 {
+            cands.sort_unstable_by(|&a, &b| by_logit_desc(logits, a, b));
+            let mut cum = 0.0;
+            let mut keep = cands.len();
+            for (i, &id) in cands.iter().enumerate() {
+                cum += weight(id);
+                if cum >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep);
+        }
+        let total: f64 = cands.iter().map(|&id| weight(id)).sum();
+        let u = self.rng.next_f64() * total;
+        let mut cum = 0.0;
+        for &id in cands.iter() {
+            cum += weight(id);
+            if u < cum {
+                return id;
+            }
+        }
+        // Rounding left `u` at the very top: the last candidate with weight is the answer.
+        cands
+            .iter()
+            .rev()
+            .copied()
+            .find(|&id| weight(id) > 0.0)
+            .unwrap_or(stats.argmax)
+    }
+}
+
+/// Orders token ids by logit, largest first, ties by the lower id.
+fn by_logit_desc(logits: &[f32], a: u32, b: u32) -> std::cmp::Ordering {
+    logits[b as usize]
+        .total_cmp(&logits[a as usize])
+        .then(a.cmp(&b))
+}
+
+/// Up to this many, [`top_n`] keeps a sorted list while scanning; beyond, it selects.
+const SMALL_TOP_N: usize = 64;
+
+/// The `n` ids with the largest logits, largest first, ties by the lower id.
+fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    if n > SMALL_TOP_N {
+        let mut ids: Vec<u32> = (0..logits.len())
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        if n < ids.len() {
+            ids.select_nth_unstable_by(n - 1, |&a, &b| by_logit_desc(logits, a, b));
+            ids.truncate(n);
+        }
+        ids.sort_unstable_by(|&a, &b| by_logit_desc(logits, a, b));
+        return ids;
+    }
+    let mut top: Vec<u32> = Vec::with_capacity(n + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        let Ok(id) = u32::try_from(i) else { break };
+        if top.len() == n {
+            // Scanning in id order, an equal logit never beats an earlier (lower) id.
+            if top.last().is_some_and(|&last| x <= logits[last as usize]) {
+                continue;
+            }
+            top.pop();
+        }
+        let pos = top.partition_point(|&t| logits[t as usize] >= x);
+        top.insert(pos, id);
+    }
+    top
+}
+
+/// What one pass over the logits tells: the argmax and the log-partition function.
+struct LogitStats {
+    argmax: u32,
+    max: f32,
+    /// log Σ exp(logit): terms taken relative to the max (no overflow), summed in f64.
+    log_sum_exp: f64,
+}
+
+impl LogitStats {
+    fn scan(logits: &[f32]) -> Result<Self, SamplerError> {
+        if logits.is_empty() {
+            return Err(SamplerError::EmptyLogits);
+        }
+        if u32::try_from(logits.len()).is_err() {
+            return Err(SamplerError::TooManyLogits { len: logits.len() });
+        }
+        let (mut argmax, mut max) = (0usize, f32::NEG_INFINITY);
+        for (i, &x) in logits.iter().enumerate() {
+            if x.is_nan() || x == f32::INFINITY {
+                return Err(SamplerError::NonFiniteLogit { id: i, value: x });
+            }
+            if x > max {
+                (argmax, max) = (i, x);
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            return Err(SamplerError::AllMasked {
+                vocab: logits.len(),
+            });
+        }
+        let sum: f64 = logits.iter().map(|&x| f64::from((x - max).exp())).sum();
+        Ok(Self {
+            argmax: u32::try_from(argmax).unwrap_or(0),
+            max,
+            log_sum_exp: f64::from(max) + sum.ln(),
+        })
+    }
+
+    fn logprob(&self, logit: f32) -> f32 {
+        (f64::from(logit) - self.log_sum_exp) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests;
