@@ -120,6 +120,15 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Stop at this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Return the N most likely tokens per step (0..=20; JSON output).
+    #[arg(long)]
+    pub logprobs: Option<usize>,
     /// Routed-expert slots in memory (default: every expert resident).
     #[arg(long)]
     pub expert_slots: Option<usize>,
@@ -133,9 +142,12 @@ pub struct GenerateArgs {
 pub struct RunArgs {
     /// Model name in the store.
     pub model: String,
-    /// Prompt text.
-    #[arg(long, short)]
-    pub prompt: String,
+    /// Prompt text (repeatable: all prompts run as one batch).
+    #[arg(long, short, required_unless_present = "prompt_ids")]
+    pub prompt: Vec<String>,
+    /// Prompt as comma-separated token ids (repeatable).
+    #[arg(long, value_name = "IDS")]
+    pub prompt_ids: Vec<String>,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,

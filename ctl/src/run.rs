@@ -1,15 +1,170 @@
 //! `tilectl run` and `tilectl demo`: offline generation on the CPU backend.
 
+use std::io::Write;
 use std::path::Path;
 
-use crate::cli::{DemoArgs, RunArgs};
+use anyhow::{bail, Context};
+use serde_json::json;
+use tileflow_engine::backend::Backend;
+use tileflow_engine::generate::{generate, GenerateRequest};
+use tileflow_engine::model::{LoadOptions, LoadedModel};
+use tileflow_engine::pack::write::Progress;
+use tileflow_engine::sampler::SamplingParams;
+use tileflow_engine::store::{Store, StoreError};
+use tileflow_engine::synth::Synth;
+use tileflow_engine::tokenizer::{ChatMessage, TextTokenizer};
 
-/// `tilectl run MODEL --prompt TEXT`.
-pub fn run(_state_dir: &Path, _args: RunArgs) -> anyhow::Result<()> {
-    anyhow::bail!("generation arrives with the engine")
+use crate::cli::{DemoArgs, GenerateArgs, RunArgs};
+
+fn params(g: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: g.temperature,
+        top_k: g.top_k,
+        top_p: g.top_p,
+        seed: g.seed,
+        max_tokens: u32::try_from(g.max_tokens).unwrap_or(u32::MAX),
+        stop: g.stop.clone(),
+        stop_token_ids: Vec::new(),
+        logprobs: g.logprobs,
+        ignore_eos: g.ignore_eos,
+    }
 }
 
-/// `tilectl demo`.
-pub fn demo(_state_dir: &Path, _args: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("generation arrives with the engine")
+fn parse_ids(list: &str) -> anyhow::Result<Vec<u32>> {
+    list.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--prompt-ids: {t:?} is not a token id"))
+        })
+        .collect()
+}
+
+/// Generates for `prompts` (already token ids) and prints text, or JSON.
+fn generate_and_print(
+    model: &mut LoadedModel,
+    tokenizer: &TextTokenizer,
+    prompts: Vec<Vec<u32>>,
+    g: &GenerateArgs,
+) -> anyhow::Result<()> {
+    let p = params(g);
+    p.validate()?;
+    let requests: Vec<GenerateRequest> = prompts
+        .into_iter()
+        .map(|prompt| GenerateRequest {
+            prompt,
+            params: p.clone(),
+        })
+        .collect();
+    let single = requests.len() == 1 && !g.json;
+    let mut stdout = std::io::stdout();
+    let mut on_text = |_: usize, text: &str| {
+        if single {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+    };
+    let (results, timing) = generate(model, tokenizer, &requests, &mut on_text)?;
+    if g.json {
+        let choices: Vec<_> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "prompt_ids": r.prompt_ids,
+                    "tokens": r.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+                    "logprobs": r.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": r.tokens.iter().map(|t| &t.top_logprobs).collect::<Vec<_>>(),
+                    "text": r.text,
+                    "finish_reason": r.finish_reason,
+                })
+            })
+            .collect();
+        let stats = model.runner.experts().stats();
+        let out = json!({
+            "model": model.name,
+            "choices": choices,
+            "timing": timing,
+            "expert_cache": {"slots": model.runner.experts().capacity(), "hits": stats.hits,
+                             "misses": stats.misses, "evictions": stats.evictions, "bytes_read": stats.bytes_read},
+        });
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        if single {
+            println!();
+        } else {
+            for (i, r) in results.iter().enumerate() {
+                println!("[{i}] {}", r.text);
+            }
+        }
+        let tps = timing.decode_tokens as f64 / timing.decode_seconds.max(1e-9);
+        eprintln!(
+            "prefill {:.3} s, {} decode steps at {:.1} tokens/s ({})",
+            timing.prefill_seconds,
+            timing.decode_steps,
+            tps,
+            model.runner.backend().name()
+        );
+    }
+    Ok(())
+}
+
+fn open(
+    state_dir: &Path,
+    name: &str,
+    g: &GenerateArgs,
+) -> anyhow::Result<(LoadedModel, TextTokenizer)> {
+    let store = Store::new(state_dir);
+    let options = LoadOptions {
+        expert_slots: g.expert_slots,
+        ..LoadOptions::default()
+    };
+    let model = LoadedModel::open(&store, name, &options)?;
+    let tokenizer = TextTokenizer::from_dir(&model.dir)?;
+    Ok((model, tokenizer))
+}
+
+/// `tilectl run MODEL --prompt TEXT…`.
+pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
+    let (mut model, tokenizer) = open(state_dir, &args.model, &args.generate)?;
+    let mut prompts = Vec::new();
+    for text in &args.prompt {
+        let text = if args.chat {
+            tokenizer.apply_chat_template(&[ChatMessage::new("user", text.as_str())], true)?
+        } else {
+            text.clone()
+        };
+        // A chat template already carries its special tokens.
+        prompts.push(tokenizer.encode(&text, !args.chat)?);
+    }
+    for ids in &args.prompt_ids {
+        prompts.push(parse_ids(ids)?);
+    }
+    if prompts.is_empty() {
+        bail!("give --prompt or --prompt-ids");
+    }
+    generate_and_print(&mut model, &tokenizer, prompts, &args.generate)
+}
+
+/// `tilectl demo`: synthesizes `tiny` into the store if it is not there, then generates.
+pub fn demo(state_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
+    const NAME: &str = "tiny";
+    let store = Store::new(state_dir);
+    match store.get(NAME) {
+        Ok(_) => {}
+        Err(StoreError::NotFound { .. }) => {
+            eprintln!(
+                "synthesizing the `tiny` model into {} (random weights, no download)",
+                store.models_dir().display()
+            );
+            let synth = Synth::new("tiny", 0, 1.0)?;
+            let txn = store.begin(NAME)?;
+            tileflow_engine::pack::write::write_pack(&synth, NAME, txn.dir(), &|_: Progress| {})?;
+            txn.commit()?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let (mut model, tokenizer) = open(state_dir, NAME, &args.generate)?;
+    eprintln!("{}: {}", NAME, args.prompt);
+    let ids = tokenizer.encode(&args.prompt, true)?;
+    generate_and_print(&mut model, &tokenizer, vec![ids], &args.generate)
 }

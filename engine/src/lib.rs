@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod dtype;
 pub mod forward;
+pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod pack;

@@ -16,7 +16,13 @@ use crate::safetensors_io::SafetensorsWriter;
 use crate::spec::ModelSpec;
 
 /// The presets `tilectl model synth --preset` knows.
-pub const PRESETS: [&str; 5] = ["tiny", "olmoe-1b-7b", "qwen3-30b-a3b", "qwen2-moe-a2.7b", "mixtral-8x7b"];
+pub const PRESETS: [&str; 5] = [
+    "tiny",
+    "olmoe-1b-7b",
+    "qwen3-30b-a3b",
+    "qwen2-moe-a2.7b",
+    "mixtral-8x7b",
+];
 
 /// The config.json of a preset (real shapes; `tiny` is ours).
 pub fn preset_config(preset: &str) -> Option<Value> {
@@ -98,19 +104,30 @@ impl Synth {
     /// A preset with a seed and a router skew (Zipf exponent of expert popularity, 0 = uniform).
     pub fn new(preset: &str, seed: u64, route_skew: f64) -> Result<Synth, PackError> {
         let mut config = preset_config(preset).ok_or_else(|| {
-            PackError::Source(format!("unknown preset {preset:?}; presets are {}", PRESETS.join(", ")))
+            PackError::Source(format!(
+                "unknown preset {preset:?}; presets are {}",
+                PRESETS.join(", ")
+            ))
         })?;
         if !(0.0..=8.0).contains(&route_skew) {
-            return Err(PackError::Source(format!("--route-skew {route_skew} is outside 0..=8")));
+            return Err(PackError::Source(format!(
+                "--route-skew {route_skew} is outside 0..=8"
+            )));
         }
         config["eos_token_id"] = json!(0);
         let spec = ModelSpec::from_config_str(&config.to_string(), &format!("preset {preset}"))
-            .map_err(|e| PackError::Other { what: format!("preset {preset}"), source: Box::new(e) })?;
+            .map_err(|e| PackError::Other {
+                what: format!("preset {preset}"),
+                source: Box::new(e),
+            })?;
         // The synthetic tokenizer puts its three special tokens last; eos is <|endoftext|>.
         let eos = tokenizer_vocab(&spec) - 3;
         config["eos_token_id"] = json!(eos);
         config["bos_token_id"] = Value::Null;
-        let spec = ModelSpec { eos_token_ids: vec![eos as u32], ..spec };
+        let spec = ModelSpec {
+            eos_token_ids: vec![eos as u32],
+            ..spec
+        };
         Ok(Synth {
             preset: preset.to_string(),
             config,
@@ -124,7 +141,11 @@ impl Synth {
 
     /// Writes a hub-layout checkpoint (sharded safetensors with an index, config.json,
     /// tokenizer) into `dir`.
-    pub fn write_checkpoint(&self, dir: &Path, progress: &(dyn Fn(Progress) + Sync)) -> Result<(), PackError> {
+    pub fn write_checkpoint(
+        &self,
+        dir: &Path,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<(), PackError> {
         const SHARD_BYTES: u64 = 4 << 30;
         let werr = |path: &Path| {
             let path = path.display().to_string();
@@ -136,11 +157,16 @@ impl Synth {
             for expert in 0..self.spec.moe.num_experts {
                 for proj in Projection::ALL {
                     let shape = projection_shape(&self.spec, proj).to_vec();
-                    all.push((expert_tensor(&self.spec, layer, expert, proj), self.dtype, shape));
+                    all.push((
+                        expert_tensor(&self.spec, layer, expert, proj),
+                        self.dtype,
+                        shape,
+                    ));
                 }
             }
         }
-        let bytes_of = |e: &(String, Dtype, Vec<usize>)| (e.2.iter().product::<usize>() * e.1.size()) as u64;
+        let bytes_of =
+            |e: &(String, Dtype, Vec<usize>)| (e.2.iter().product::<usize>() * e.1.size()) as u64;
         let total: u64 = all.iter().map(bytes_of).sum();
         let mut shards: Vec<Vec<(String, Dtype, Vec<usize>)>> = vec![Vec::new()];
         let mut in_shard = 0u64;
@@ -174,7 +200,8 @@ impl Synth {
         if n > 1 {
             let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             let path = dir.join("model.safetensors.index.json");
-            std::fs::write(&path, serde_json::to_vec_pretty(&index).unwrap_or_default()).map_err(werr(&path))?;
+            std::fs::write(&path, serde_json::to_vec_pretty(&index).unwrap_or_default())
+                .map_err(werr(&path))?;
         }
         self.write_aux_files(dir)
     }
@@ -194,7 +221,9 @@ impl Synth {
         let rest = name.strip_prefix("model.layers.")?;
         let (layer, rest) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
-        let rest = rest.strip_prefix(self.spec.family.moe_module())?.strip_prefix(".experts.")?;
+        let rest = rest
+            .strip_prefix(self.spec.family.moe_module())?
+            .strip_prefix(".experts.")?;
         let (expert, _) = rest.split_once('.')?;
         let expert: usize = expert.parse().ok()?;
         Projection::ALL
@@ -239,9 +268,14 @@ impl Synth {
             rank.swap(i, (s % (i as u64 + 1)) as usize);
         }
         let by_rank = self.rank_scales.get_or_init(|| {
-            let weights: Vec<f64> = (0..e).map(|r| (1.0 / (r as f64 + 1.0)).powf(self.route_skew)).collect();
+            let weights: Vec<f64> = (0..e)
+                .map(|r| (1.0 / (r as f64 + 1.0)).powf(self.route_skew))
+                .collect();
             let total: f64 = weights.iter().sum();
-            let target: Vec<f64> = weights.iter().map(|w| (w / total * k as f64).min(0.995)).collect();
+            let target: Vec<f64> = weights
+                .iter()
+                .map(|w| (w / total * k as f64).min(0.995))
+                .collect();
             zipf_scales(&target, k, self.seed)
         });
         rank.iter().map(|&r| by_rank[r]).collect()
@@ -311,21 +345,31 @@ impl PackSource for Synth {
     }
 
     fn dense_entries(&self) -> Vec<(String, Dtype, Vec<usize>)> {
-        dense_tensors(&self.spec).into_iter().map(|(n, s)| (n, self.dtype, s)).collect()
+        dense_tensors(&self.spec)
+            .into_iter()
+            .map(|(n, s)| (n, self.dtype, s))
+            .collect()
     }
 
     fn read_dense(&self, name: &str) -> Result<Vec<u8>, PackError> {
         let (_, shape) = dense_tensors(&self.spec)
             .into_iter()
             .find(|(n, _)| n == name)
-            .ok_or_else(|| PackError::Source(format!("preset {} has no tensor {name}", self.preset)))?;
+            .ok_or_else(|| {
+                PackError::Source(format!("preset {} has no tensor {name}", self.preset))
+            })?;
         let n: usize = shape.iter().product();
         let size = self.dtype.size();
         if name.ends_with("norm.weight") {
             // Norm gains near one, so activations keep their scale through the layers.
             let mut out = vec![0u8; n * size];
             self.fill(self.stream(name), 0.1, &mut out);
-            let vals: Vec<f32> = self.dtype.to_f32(&out).into_iter().map(|v| 1.0 + v).collect();
+            let vals: Vec<f32> = self
+                .dtype
+                .to_f32(&out)
+                .into_iter()
+                .map(|v| 1.0 + v)
+                .collect();
             return Ok(self.dtype.from_f32(&vals));
         }
         let fan_in = *shape.last().unwrap_or(&1) as f32;
@@ -333,7 +377,11 @@ impl PackSource for Synth {
         if name == "model.embed_tokens.weight" {
             self.fill(self.stream(name), 1.0, &mut out);
         } else if name.ends_with(".gate.weight") && self.route_skew > 0.0 {
-            let layer = name.split('.').nth(2).and_then(|l| l.parse().ok()).unwrap_or(0);
+            let layer = name
+                .split('.')
+                .nth(2)
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(0);
             let scales = self.router_scales(layer);
             let row = self.spec.hidden_size * size;
             for (e, chunk) in out.chunks_mut(row).enumerate() {
@@ -344,13 +392,27 @@ impl PackSource for Synth {
             self.fill(self.stream(name), 0.02, &mut out);
         } else {
             // Uniform with std 1/sqrt(fan_in); routers a little sharper so routing is decisive.
-            let sharp = if name.ends_with(".gate.weight") { 4.0 } else { 1.0 };
-            self.fill(self.stream(name), 3f32.sqrt() / fan_in.sqrt() * sharp, &mut out);
+            let sharp = if name.ends_with(".gate.weight") {
+                4.0
+            } else {
+                1.0
+            };
+            self.fill(
+                self.stream(name),
+                3f32.sqrt() / fan_in.sqrt() * sharp,
+                &mut out,
+            );
         }
         Ok(out)
     }
 
-    fn read_expert(&self, layer: usize, expert: usize, proj: Projection, out: &mut [u8]) -> Result<(), PackError> {
+    fn read_expert(
+        &self,
+        layer: usize,
+        expert: usize,
+        proj: Projection,
+        out: &mut [u8],
+    ) -> Result<(), PackError> {
         let [_, cols] = projection_shape(&self.spec, proj);
         let name = expert_tensor(&self.spec, layer, expert, proj);
         self.fill(self.stream(&name), 3f32.sqrt() / (cols as f32).sqrt(), out);
@@ -360,14 +422,25 @@ impl PackSource for Synth {
     fn write_aux_files(&self, dir: &Path) -> Result<(), PackError> {
         let path = dir.join("config.json");
         let text = serde_json::to_vec_pretty(&self.config).unwrap_or_default();
-        std::fs::write(&path, text)
-            .map_err(|source| PackError::Write { path: path.display().to_string(), source })?;
-        crate::synth_tokenizer::write_synthetic_tokenizer(dir, tokenizer_vocab(&self.spec)).map_err(|e| {
-            PackError::Other { what: format!("cannot write the tokenizer into {}", dir.display()), source: Box::new(e) }
-        })
+        std::fs::write(&path, text).map_err(|source| PackError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+        crate::synth_tokenizer::write_synthetic_tokenizer(dir, tokenizer_vocab(&self.spec)).map_err(
+            |e| PackError::Other {
+                what: format!("cannot write the tokenizer into {}", dir.display()),
+                source: Box::new(e),
+            },
+        )
     }
 
     fn describe(&self) -> (String, Vec<SourceDigest>) {
-        (format!("synth:{}:seed={}:route_skew={}", self.preset, self.seed, self.route_skew), Vec::new())
+        (
+            format!(
+                "synth:{}:seed={}:route_skew={}",
+                self.preset, self.seed, self.route_skew
+            ),
+            Vec::new(),
+        )
     }
 }
