@@ -28,7 +28,7 @@ pub enum LoadError {
         path: String,
         /// Why.
         #[source]
-        source: SafetensorsError,
+        source: Box<SafetensorsError>,
     },
     /// experts.tiles could not be opened.
     #[error("model {model}: cannot open {path}")]
@@ -191,7 +191,7 @@ impl LoadedModel {
         let mut dense = DenseLoader::open(&dense_path).map_err(|source| LoadError::Dense {
             model: name.to_string(),
             path: dense_path.display().to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let experts_path = stored.dir.join(EXPERTS_FILE);
         let source = FileSource::open(&experts_path).map_err(|source| LoadError::Experts {
@@ -222,7 +222,7 @@ impl LoadedModel {
             backend,
             &mut dense,
             cache,
-            options.kv.clone(),
+            options.kv,
         )
         .map_err(|source| LoadError::Engine {
             model: name.to_string(),

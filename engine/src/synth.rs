@@ -176,7 +176,9 @@ impl Synth {
                 in_shard = 0;
             }
             in_shard += bytes_of(&e);
-            shards.last_mut().map(|s| s.push(e));
+            if let Some(s) = shards.last_mut() {
+                s.push(e);
+            }
         }
         let n = shards.len();
         let mut weight_map = serde_json::Map::new();
@@ -187,7 +189,7 @@ impl Synth {
             } else {
                 format!("model-{:05}-of-{n:05}.safetensors", k + 1)
             };
-            let mut w = SafetensorsWriter::create(&dir.join(&file), shard)?;
+            let mut w = SafetensorsWriter::create(dir.join(&file), shard)?;
             for (name, _, _) in shard {
                 let bytes = self.tensor_bytes(name)?;
                 w.write_tensor(name, &bytes)?;
