@@ -352,16 +352,3 @@ pub enum SafetensorsError {
         source: std::io::Error,
     },
 }
-
-/// Decodes little-endian tensor bytes of `dtype` into f32 (exact for all three dtypes).
-///
-/// Trailing bytes that do not form a whole element are ignored; callers pass whole tensors.
-pub fn convert_to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
-    dtype.to_f32(bytes)
-}
-
-/// Encodes f32 values as little-endian bytes of `dtype`, rounding to nearest, ties to even, for
-/// F16 and BF16 (out-of-range values become infinities, NaN stays NaN).
-pub fn convert_from_f32(dtype: Dtype, values: &[f32]) -> Vec<u8> {
-    dtype.from_f32(values)
-}

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tileflow_spdk::{FileSource, TileSource};
 
 use super::header::read_header;
-use super::{convert_to_f32, SafetensorsError, TensorInfo};
+use super::{SafetensorsError, TensorInfo};
 
 /// Name of the Hugging Face shard index.
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -194,19 +194,7 @@ impl Checkpoint {
                 actual: buf.len(),
             });
         }
-        let source = self
-            .sources
-            .get(&info.file)
-            .ok_or_else(|| SafetensorsError::ForeignFile {
-                tensor: info.name.clone(),
-                file: info.file.clone(),
-            })?;
-        source
-            .read_at(info.offset, buf)
-            .map_err(|source| SafetensorsError::ReadTensor {
-                tensor: info.name.clone(),
-                source,
-            })
+        self.read_range(info, 0, buf)
     }
 
     /// Reads `buf.len()` bytes starting `at` bytes into a tensor's data (one expert of a fused
@@ -242,7 +230,7 @@ impl Checkpoint {
 
     /// Reads one tensor and converts it to f32 (exact for F32, F16 and BF16).
     pub fn read_f32(&self, info: &TensorInfo) -> Result<Vec<f32>, SafetensorsError> {
-        Ok(convert_to_f32(info.dtype, &self.read_raw(info)?))
+        Ok(info.dtype.to_f32(&self.read_raw(info)?))
     }
 }
 

@@ -16,7 +16,7 @@ fn write_ours(path: &Path, entries: &Entries) -> Vec<Vec<u8>> {
     let mut writer = SafetensorsWriter::create(path, entries).unwrap();
     let mut written = Vec::new();
     for (i, (name, dtype, shape)) in entries.iter().enumerate() {
-        let bytes = convert_from_f32(*dtype, &values(shape.iter().product(), i as f32));
+        let bytes = Dtype::from_f32(*dtype, &values(shape.iter().product(), i as f32));
         writer.write_tensor(name, &bytes).unwrap();
         written.push(bytes);
     }
@@ -90,7 +90,7 @@ fn writer_output_reads_back_byte_exact_with_both_readers() {
             let mut buf = vec![0u8; bytes.len()];
             ckpt.read_raw_into(info, &mut buf).unwrap();
             assert_eq!(&buf, bytes);
-            assert_eq!(ckpt.read_f32(info).unwrap(), convert_to_f32(*dtype, bytes));
+            assert_eq!(ckpt.read_f32(info).unwrap(), Dtype::to_f32(*dtype, bytes));
         }
     }
 }
@@ -99,8 +99,8 @@ fn writer_output_reads_back_byte_exact_with_both_readers() {
 fn reads_files_written_by_the_reference_crate() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ref.safetensors");
-    let a = convert_from_f32(Dtype::F16, &values(12, 1.0));
-    let b = convert_from_f32(Dtype::F32, &values(5, 2.0));
+    let a = Dtype::from_f32(Dtype::F16, &values(12, 1.0));
+    let b = Dtype::from_f32(Dtype::F32, &values(5, 2.0));
     let views = [
         (
             "layer.a",
@@ -163,7 +163,7 @@ fn sharded_index_opens_every_shard() {
     let head = ckpt.get("head").unwrap();
     assert_eq!(head.file, two);
     assert_eq!(ckpt.read_f32(head).unwrap(), values(8, 0.0));
-    let embed = convert_from_f32(Dtype::BF16, &values(8, 0.0));
+    let embed = Dtype::from_f32(Dtype::BF16, &values(8, 0.0));
     assert_eq!(ckpt.read_raw(ckpt.get("embed").unwrap()).unwrap(), embed);
 }
 
@@ -532,7 +532,7 @@ fn writer_enforces_declared_order_and_lengths() {
 fn conversions_round_to_nearest_even() {
     let one = 1.0f32;
     // bf16 keeps 7 fraction bits: 1 + 2^-8 is a tie between 1 and 1 + 2^-7 and goes to even (1).
-    let bf = convert_from_f32(
+    let bf = Dtype::from_f32(
         Dtype::BF16,
         &[
             one + 2f32.powi(-8),
@@ -542,7 +542,7 @@ fn conversions_round_to_nearest_even() {
     );
     assert_eq!(bf, [0x80, 0x3f, 0x82, 0x3f, 0x81, 0x3f]);
     // f16 keeps 10 fraction bits.
-    let h = convert_from_f32(
+    let h = Dtype::from_f32(
         Dtype::F16,
         &[one + 2f32.powi(-11), one + 3.0 * 2f32.powi(-11)],
     );
@@ -550,14 +550,14 @@ fn conversions_round_to_nearest_even() {
 
     let xs = [0.0, -0.0, 1.0, -2.5, 65504.0, 1e-3, f32::INFINITY];
     for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
-        let bytes = convert_from_f32(dtype, &xs);
+        let bytes = Dtype::from_f32(dtype, &xs);
         assert_eq!(bytes.len(), xs.len() * dtype.size());
-        let back = convert_to_f32(dtype, &bytes);
+        let back = Dtype::to_f32(dtype, &bytes);
         // Values representable in the target dtype survive exactly.
         assert_eq!(&back[..4], &xs[..4], "{dtype}");
-        assert_eq!(convert_from_f32(dtype, &back), bytes, "{dtype}");
+        assert_eq!(Dtype::from_f32(dtype, &back), bytes, "{dtype}");
     }
-    assert!(convert_to_f32(Dtype::BF16, &convert_from_f32(Dtype::BF16, &[f32::NAN]))[0].is_nan());
+    assert!(Dtype::to_f32(Dtype::BF16, &Dtype::from_f32(Dtype::BF16, &[f32::NAN]))[0].is_nan());
 }
 
 #[test]
