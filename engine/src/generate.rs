@@ -1,49 +1,33 @@
-//! One-shot batched generation: every request prefilled in one step, then decoded together
-//! until each stops. The daemon's scheduler adds continuous batching on top of the same steps.
+//! One-shot batched generation (tilectl run, tests): every request submitted to the
+//! continuous-batching scheduler at once, stepped until all stop.
 
 use serde::Serialize;
 
-use crate::forward::{EngineError, SeqChunk};
 use crate::model::LoadedModel;
-use crate::sampler::{FinishReason, Sampler, SamplerError, SamplingParams, StopChecker};
-use crate::tokenizer::{TextTokenizer, TokenizerError};
+use crate::sampler::{FinishReason, SamplingParams};
+use crate::sched::{JobEvent, JobRequest, JobSink, Scheduler, SchedulerConfig, SubmitError};
+use crate::tokenizer::TextTokenizer;
 
 /// Why generation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
-    /// A request asks for more than the model's context.
-    #[error("request {index}: prompt of {prompt} tokens plus max_tokens {max_tokens} exceeds the model's context of {context}")]
-    ContextLength {
-        /// Request index.
-        index: usize,
-        /// Prompt tokens.
-        prompt: usize,
-        /// Requested new tokens.
-        max_tokens: u32,
-        /// The model's context.
-        context: usize,
-    },
-    /// A request has an empty prompt.
-    #[error("request {index}: the prompt is empty")]
-    EmptyPrompt {
-        /// Request index.
-        index: usize,
-    },
-    /// Invalid sampling parameters or logits.
+    /// A request was refused.
     #[error("request {index}")]
-    Sampler {
+    Submit {
         /// Request index.
         index: usize,
         /// Why.
         #[source]
-        source: SamplerError,
+        source: SubmitError,
     },
-    /// Detokenization failed.
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    /// The engine failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
+    /// A request failed while running.
+    #[error("request {index}: {message}")]
+    Failed {
+        /// Request index.
+        index: usize,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// One request.
@@ -92,128 +76,90 @@ pub struct Timing {
     pub decode_tokens: usize,
 }
 
-struct Active {
-    index: usize,
-    seq: u64,
-    tokens: Vec<u32>,
-    cached: usize,
-    sampler: Sampler,
-    stop: StopChecker,
-    stream: crate::tokenizer::DecodeStream,
-    done: bool,
+/// Forwards a job's events into a channel drained by [`generate`].
+struct ChannelSink(usize, std::sync::mpsc::Sender<(usize, JobEvent)>);
+
+impl JobSink for ChannelSink {
+    fn emit(&mut self, event: JobEvent) -> bool {
+        self.1.send((self.0, event)).is_ok()
+    }
 }
 
-/// Runs `requests` as one batch. `on_text(index, delta)` is called as text becomes final.
+/// Runs `requests` as one batch through the continuous-batching scheduler.
+/// `on_text(index, delta)` is called as text becomes final.
 pub fn generate(
     model: &mut LoadedModel,
     tokenizer: &TextTokenizer,
     requests: &[GenerateRequest],
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<(Vec<Generation>, Timing), GenerateError> {
-    let context = model.manifest.spec.max_position_embeddings;
-    let mut eos = tokenizer.eos_token_ids().to_vec();
-    eos.extend(&model.manifest.spec.eos_token_ids);
-    let mut active = Vec::with_capacity(requests.len());
-    let mut results = Vec::with_capacity(requests.len());
-    for (index, r) in requests.iter().enumerate() {
-        if r.prompt.is_empty() {
-            return Err(GenerateError::EmptyPrompt { index });
-        }
-        if r.prompt.len() + r.params.max_tokens as usize > context {
-            return Err(GenerateError::ContextLength {
-                index,
-                prompt: r.prompt.len(),
-                max_tokens: r.params.max_tokens,
-                context,
-            });
-        }
-        let sampler = Sampler::new(r.params.clone())
-            .map_err(|source| GenerateError::Sampler { index, source })?;
-        active.push(Active {
-            index,
-            seq: index as u64,
-            tokens: r.prompt.clone(),
-            cached: 0,
-            sampler,
-            stop: StopChecker::new(&r.params, &eos),
-            stream: tokenizer.decode_stream(false),
-            done: r.params.max_tokens == 0,
-        });
-        results.push(Generation {
+    let n = requests.len().max(1);
+    let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
+    let config = SchedulerConfig {
+        max_running: n,
+        max_waiting: n,
+        prefill_chunk: prompt_tokens.max(1),
+    };
+    let mut sched = Scheduler::new(&mut model.runner, tokenizer.clone(), config);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut results: Vec<Generation> = requests
+        .iter()
+        .map(|r| Generation {
             prompt_ids: r.prompt.clone(),
             tokens: Vec::new(),
             text: String::new(),
             finish_reason: FinishReason::Length.as_str(),
-        });
+        })
+        .collect();
+    for (index, r) in requests.iter().enumerate() {
+        let request = JobRequest {
+            prompt: r.prompt.clone(),
+            params: r.params.clone(),
+            deadline: None,
+        };
+        sched
+            .submit(request, Box::new(ChannelSink(index, tx.clone())))
+            .map_err(|source| GenerateError::Submit { index, source })?;
     }
-    let runner = &mut model.runner;
-    for a in &active {
-        runner.add_sequence(a.seq)?;
-    }
-    let outcome = (|| -> Result<Timing, GenerateError> {
-        let mut timing = Timing::default();
-        let mut first = true;
-        loop {
-            let live: Vec<usize> = (0..active.len()).filter(|&i| !active[i].done).collect();
-            if live.is_empty() {
-                return Ok(timing);
-            }
-            let started = std::time::Instant::now();
-            let chunks: Vec<SeqChunk> = live
-                .iter()
-                .map(|&i| {
-                    let a = &active[i];
-                    SeqChunk::new(a.seq, &a.tokens[a.cached..], a.cached)
-                })
-                .collect();
-            let logits = runner.step(&chunks)?;
-            for (&i, row) in live.iter().zip(&logits) {
-                let a = &mut active[i];
-                a.cached = a.tokens.len();
-                let t = a
-                    .sampler
-                    .sample(row)
-                    .map_err(|source| GenerateError::Sampler {
-                        index: a.index,
-                        source,
-                    })?;
-                a.tokens.push(t.id);
-                let delta = a.stream.push(t.id)?.unwrap_or_default();
-                let step = a.stop.push(t.id, &delta);
-                let out = &mut results[a.index];
-                out.tokens.push(GeneratedToken {
-                    id: t.id,
-                    logprob: t.logprob,
-                    top_logprobs: t.top_logprobs,
-                });
-                let mut text = step.text;
-                if let Some(reason) = step.finish {
-                    out.finish_reason = reason.as_str();
-                    a.done = true;
-                    if reason == FinishReason::Length {
-                        if let Some(rest) = a.stream.flush()? {
-                            text.push_str(&rest);
-                        }
+    let mut timing = Timing::default();
+    let mut first = true;
+    while !sched.is_idle() {
+        let started = std::time::Instant::now();
+        let report = sched.step();
+        let secs = started.elapsed().as_secs_f64();
+        if first {
+            timing.prefill_seconds = secs;
+            first = false;
+        } else {
+            timing.decode_seconds += secs;
+            timing.decode_steps += 1;
+            timing.decode_tokens += report.generated;
+        }
+        while let Ok((index, event)) = rx.try_recv() {
+            let out = &mut results[index];
+            match event {
+                JobEvent::Token {
+                    id,
+                    logprob,
+                    top_logprobs,
+                    text,
+                } => {
+                    out.tokens.push(GeneratedToken {
+                        id,
+                        logprob,
+                        top_logprobs,
+                    });
+                    if !text.is_empty() {
+                        on_text(index, &text);
+                        out.text.push_str(&text);
                     }
                 }
-                if !text.is_empty() {
-                    on_text(a.index, &text);
-                    out.text.push_str(&text);
+                JobEvent::Done { finish_reason, .. } => out.finish_reason = finish_reason,
+                JobEvent::Failed { message, .. } => {
+                    return Err(GenerateError::Failed { index, message })
                 }
             }
-            let secs = started.elapsed().as_secs_f64();
-            if first {
-                timing.prefill_seconds = secs;
-                first = false;
-            } else {
-                timing.decode_seconds += secs;
-                timing.decode_steps += 1;
-                timing.decode_tokens += live.len();
-            }
         }
-    })();
-    for a in &active {
-        let _ = runner.free_sequence(a.seq);
     }
-    Ok((results, outcome?))
+    Ok((results, timing))
 }

@@ -11,6 +11,7 @@ pub mod pack;
 pub mod rope;
 pub mod safetensors_io;
 pub mod sampler;
+pub mod sched;
 pub mod spec;
 pub mod store;
 pub mod synth;

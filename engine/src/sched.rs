@@ -1,0 +1,510 @@
+//! Continuous batching: jobs join the running batch at the next step, long prompts are
+//! prefilled in chunks so running decodes keep going, and each job's tokens are sampled,
+//! detokenized and stop-checked as they come.
+//!
+//! The scheduler is synchronous and owns the model runner; the daemon's engine thread drives
+//! it (`submit`, `cancel`, `step`) and forwards events through each job's [`JobSink`].
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::forward::{EngineError, ExpertProvider, LogitRows, ModelRunner, SeqChunk};
+use crate::sampler::{FinishReason, Sampler, SamplerError, SamplingParams, StopChecker};
+use crate::tokenizer::{DecodeStream, TextTokenizer, TokenizerError};
+
+/// Why a job was refused at submission.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The waiting queue is full (HTTP 429).
+    #[error("the waiting queue is full ({0} requests); retry later")]
+    QueueFull(usize),
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// Prompt plus max_tokens exceed the context.
+    #[error("prompt of {prompt} tokens plus max_tokens {max_tokens} exceeds the model's context of {context} tokens")]
+    ContextLength {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_tokens: u32,
+        /// The model's context.
+        context: usize,
+    },
+    /// A prompt token outside the vocabulary.
+    #[error("prompt token id {token} at position {position} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The id.
+        token: u32,
+        /// Its index in the prompt.
+        position: usize,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// The request can never fit in the KV cache.
+    #[error("the request needs {needed} KV blocks but the cache has {total}")]
+    TooLarge {
+        /// Blocks it would need.
+        needed: usize,
+        /// Blocks in the cache.
+        total: usize,
+    },
+    /// Invalid sampling parameters.
+    #[error(transparent)]
+    Params(#[from] SamplerError),
+}
+
+/// What happens to a job, in order: tokens, then exactly one `Done` or `Failed`.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// One generated token.
+    Token {
+        /// Token id.
+        id: u32,
+        /// Its log-probability.
+        logprob: f32,
+        /// The most likely alternatives, as many as asked.
+        top_logprobs: Vec<(u32, f32)>,
+        /// Text that became final with it (may be empty).
+        text: String,
+    },
+    /// The job finished.
+    Done {
+        /// "stop" or "length".
+        finish_reason: &'static str,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+    /// The job failed; nothing more follows.
+    Failed {
+        /// A stable kind ("engine_error", "timeout", "tokenizer_error", "sampler_error").
+        kind: &'static str,
+        /// The message, naming what failed.
+        message: String,
+    },
+}
+
+/// Where a job's events go. `emit` returns false when the client has gone: the job is
+/// cancelled and its KV blocks freed.
+pub trait JobSink: Send {
+    /// Delivers one event.
+    fn emit(&mut self, event: JobEvent) -> bool;
+}
+
+/// A job as submitted.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// Cancel the job if it is not done by then.
+    pub deadline: Option<Instant>,
+}
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Jobs in the running batch at most.
+    pub max_running: usize,
+    /// Jobs waiting at most (more are refused with [`SubmitError::QueueFull`]).
+    pub max_waiting: usize,
+    /// Prompt tokens prefilled per step at most (decodes come first).
+    pub prefill_chunk: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> SchedulerConfig {
+        SchedulerConfig {
+            max_running: 32,
+            max_waiting: 256,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// A job's handle.
+pub type JobId = u64;
+
+struct Job {
+    id: JobId,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cached: usize,
+    blocks: usize,
+    sampler: Sampler,
+    stop: StopChecker,
+    stream: DecodeStream,
+    sink: Box<dyn JobSink>,
+    deadline: Option<Instant>,
+    generated: usize,
+}
+
+/// What one [`Scheduler::step`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Sequences in the step.
+    pub sequences: usize,
+    /// Prompt tokens prefilled.
+    pub prefill_tokens: usize,
+    /// Tokens generated.
+    pub generated: usize,
+    /// Jobs that finished, failed or were cancelled.
+    pub ended: usize,
+}
+
+/// Continuous batching over one model runner.
+pub struct Scheduler<'r, B: Backend, P: ExpertProvider> {
+    runner: &'r mut ModelRunner<B, P>,
+    tokenizer: TextTokenizer,
+    eos: Vec<u32>,
+    config: SchedulerConfig,
+    waiting: VecDeque<Job>,
+    running: Vec<Job>,
+    reserved_blocks: usize,
+    next_id: JobId,
+}
+
+impl<B: Backend, P: ExpertProvider> std::fmt::Debug for Scheduler<'_, B, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("config", &self.config)
+            .field("waiting", &self.waiting.len())
+            .field("running", &self.running.len())
+            .field("reserved_blocks", &self.reserved_blocks)
+            .finish()
+    }
+}
+
+impl<'r, B: Backend, P: ExpertProvider> Scheduler<'r, B, P> {
+    /// A scheduler over `runner`; `tokenizer` detokenizes and gives the EOS ids.
+    pub fn new(
+        runner: &'r mut ModelRunner<B, P>,
+        tokenizer: TextTokenizer,
+        config: SchedulerConfig,
+    ) -> Self {
+        let mut eos = tokenizer.eos_token_ids().to_vec();
+        eos.extend(&runner.spec().eos_token_ids);
+        eos.sort_unstable();
+        eos.dedup();
+        Scheduler {
+            runner,
+            tokenizer,
+            eos,
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            reserved_blocks: 0,
+            next_id: 1,
+        }
+    }
+
+    /// The runner (for stats).
+    pub fn runner(&self) -> &ModelRunner<B, P> {
+        self.runner
+    }
+
+    /// Jobs waiting and running.
+    pub fn load(&self) -> (usize, usize) {
+        (self.waiting.len(), self.running.len())
+    }
+
+    /// Nothing to do.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.runner.kv_cache().layout().block_size.max(1))
+    }
+
+    /// Queues a job; it joins the running batch at a coming step.
+    pub fn submit(
+        &mut self,
+        request: JobRequest,
+        sink: Box<dyn JobSink>,
+    ) -> Result<JobId, SubmitError> {
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let spec = self.runner.spec();
+        let context = spec.max_position_embeddings;
+        let max_tokens = request.params.max_tokens;
+        if request.prompt.len() + max_tokens as usize > context {
+            return Err(SubmitError::ContextLength {
+                prompt: request.prompt.len(),
+                max_tokens,
+                context,
+            });
+        }
+        if let Some((position, &token)) = request
+            .prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= spec.vocab_size)
+        {
+            return Err(SubmitError::TokenOutOfRange {
+                token,
+                position,
+                vocab: spec.vocab_size,
+            });
+        }
+        let blocks = self.blocks_for(request.prompt.len() + max_tokens as usize);
+        let total = self.runner.kv_cache().layout().num_blocks;
+        if blocks > total {
+            return Err(SubmitError::TooLarge {
+                needed: blocks,
+                total,
+            });
+        }
+        if self.waiting.len() >= self.config.max_waiting {
+            return Err(SubmitError::QueueFull(self.config.max_waiting));
+        }
+        let sampler = Sampler::new(request.params.clone())?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Job {
+            id,
+            prompt_len: request.prompt.len(),
+            tokens: request.prompt,
+            cached: 0,
+            blocks,
+            sampler,
+            stop: StopChecker::new(&request.params, &self.eos),
+            stream: self.tokenizer.decode_stream(false),
+            sink,
+            deadline: request.deadline,
+            generated: 0,
+        });
+        Ok(id)
+    }
+
+    /// Cancels a job (waiting or running); its blocks are freed. Unknown ids are ignored.
+    pub fn cancel(&mut self, id: JobId) {
+        self.waiting.retain(|j| j.id != id);
+        if let Some(i) = self.running.iter().position(|j| j.id == id) {
+            let job = self.running.swap_remove(i);
+            self.release(&job);
+        }
+    }
+
+    fn release(&mut self, job: &Job) {
+        let _ = self.runner.free_sequence(job.id);
+        self.reserved_blocks -= job.blocks;
+    }
+
+    /// Moves waiting jobs into the batch while the batch and the KV cache have room
+    /// (each job reserves its prompt plus max_tokens, so a running job never runs out).
+    fn admit(&mut self) -> usize {
+        let total = self.runner.kv_cache().layout().num_blocks;
+        let mut ended = 0;
+        while self.running.len() < self.config.max_running {
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            if self.reserved_blocks + job.blocks > total {
+                break;
+            }
+            let Some(mut job) = self.waiting.pop_front() else {
+                break;
+            };
+            if job.sampler.params().max_tokens == 0 {
+                job.sink.emit(JobEvent::Done {
+                    finish_reason: "length",
+                    prompt_tokens: job.prompt_len,
+                    completion_tokens: 0,
+                });
+                ended += 1;
+                continue;
+            }
+            if let Err(e) = self.runner.add_sequence(job.id) {
+                job.sink.emit(JobEvent::Failed {
+                    kind: "engine_error",
+                    message: e.to_string(),
+                });
+                ended += 1;
+                continue;
+            }
+            self.reserved_blocks += job.blocks;
+            self.running.push(job);
+        }
+        ended
+    }
+
+    /// Ends jobs past their deadline.
+    fn expire(&mut self, now: Instant) -> usize {
+        let late = |j: &Job| j.deadline.is_some_and(|d| now >= d);
+        let mut ended = 0;
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if late(&self.waiting[i]) {
+                if let Some(mut job) = self.waiting.remove(i) {
+                    job.sink.emit(JobEvent::Failed {
+                        kind: "timeout",
+                        message: "the request timed out while waiting".into(),
+                    });
+                    ended += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if late(&self.running[i]) {
+                let mut job = self.running.swap_remove(i);
+                job.sink.emit(JobEvent::Failed {
+                    kind: "timeout",
+                    message: "the request timed out".into(),
+                });
+                self.release(&job);
+                ended += 1;
+            } else {
+                i += 1;
+            }
+        }
+        ended
+    }
+
+    /// Runs one forward step over the batch: every decoding job gets one token, prefills share
+    /// the prompt budget in arrival order.
+    pub fn step(&mut self) -> StepReport {
+        let mut report = StepReport {
+            ended: self.expire(Instant::now()),
+            ..StepReport::default()
+        };
+        report.ended += self.admit();
+        if self.running.is_empty() {
+            return report;
+        }
+        // (job index, start, end, wants logits)
+        let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new();
+        for (i, job) in self.running.iter().enumerate() {
+            if job.cached >= job.prompt_len {
+                plan.push((i, job.cached, job.tokens.len(), true));
+            }
+        }
+        let mut budget = self.config.prefill_chunk.max(1);
+        for (i, job) in self.running.iter().enumerate() {
+            if job.cached < job.prompt_len && budget > 0 {
+                let end = (job.cached + budget).min(job.prompt_len);
+                budget -= end - job.cached;
+                plan.push((i, job.cached, end, end == job.prompt_len));
+                report.prefill_tokens += end - job.cached;
+            }
+        }
+        plan.sort_by_key(|p| p.0);
+        let chunks: Vec<SeqChunk> = plan
+            .iter()
+            .map(|&(i, start, end, logits)| {
+                let job = &self.running[i];
+                let mut c = SeqChunk::new(job.id, &job.tokens[start..end], start);
+                if !logits {
+                    c.logits = LogitRows::None;
+                }
+                c
+            })
+            .collect();
+        report.sequences = chunks.len();
+        let result = self.runner.step(&chunks);
+        drop(chunks);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                report.ended += self.fail_planned(&plan, &e);
+                return report;
+            }
+        };
+        let mut finished = Vec::new();
+        for (&(i, _, end, wants), row) in plan.iter().zip(&logits) {
+            let job = &mut self.running[i];
+            job.cached = end;
+            if !wants {
+                continue;
+            }
+            match emit_next(job, row) {
+                Ok(done) => {
+                    report.generated += 1;
+                    if done {
+                        finished.push(i);
+                    }
+                }
+                Err((kind, message)) => {
+                    job.sink.emit(JobEvent::Failed { kind, message });
+                    finished.push(i);
+                }
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for i in finished {
+            let job = self.running.swap_remove(i);
+            self.release(&job);
+            report.ended += 1;
+        }
+        report
+    }
+
+    /// Fails every job of a failed step.
+    fn fail_planned(&mut self, plan: &[(usize, usize, usize, bool)], e: &EngineError) -> usize {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        idx.sort_unstable_by(|a, b| b.cmp(a));
+        idx.dedup();
+        for &i in &idx {
+            let mut job = self.running.swap_remove(i);
+            job.sink.emit(JobEvent::Failed {
+                kind: "engine_error",
+                message: message.clone(),
+            });
+            self.release(&job);
+        }
+        idx.len()
+    }
+}
+
+/// Samples the next token of `job` from `logits`, emits it, and says whether the job is done
+/// (finished, or its client went away).
+fn emit_next(job: &mut Job, logits: &[f32]) -> Result<bool, (&'static str, String)> {
+    let t = job
+        .sampler
+        .sample(logits)
+        .map_err(|e| ("sampler_error", e.to_string()))?;
+    job.tokens.push(t.id);
+    job.generated += 1;
+    let tok_err = |e: TokenizerError| ("tokenizer_error", e.to_string());
+    let delta = job.stream.push(t.id).map_err(tok_err)?.unwrap_or_default();
+    let step = job.stop.push(t.id, &delta);
+    let mut text = step.text;
+    if step.finish == Some(FinishReason::Length) {
+        if let Some(rest) = job.stream.flush().map_err(tok_err)? {
+            text.push_str(&rest);
+        }
+    }
+    let alive = job.sink.emit(JobEvent::Token {
+        id: t.id,
+        logprob: t.logprob,
+        top_logprobs: t.top_logprobs,
+        text,
+    });
+    if !alive {
+        return Ok(true);
+    }
+    if let Some(reason) = step.finish {
+        job.sink.emit(JobEvent::Done {
+            finish_reason: reason.as_str(),
+            prompt_tokens: job.prompt_len,
+            completion_tokens: job.generated,
+        });
+        return Ok(true);
+    }
+    Ok(false)
+}
