@@ -6,10 +6,11 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use serde_json::json;
 use tileflow_engine::backend::Backend;
-use tileflow_engine::generate::{generate, GenerateRequest};
+use tileflow_engine::generate::{batch_config, generate, GenerateRequest};
 use tileflow_engine::model::{LoadOptions, LoadedModel};
 use tileflow_engine::pack::write::Progress;
 use tileflow_engine::sampler::SamplingParams;
+use tileflow_engine::sched::Scheduler;
 use tileflow_engine::store::{Store, StoreError};
 use tileflow_engine::synth::Synth;
 use tileflow_engine::tokenizer::{ChatMessage, TextTokenizer};
@@ -42,7 +43,7 @@ fn parse_ids(list: &str) -> anyhow::Result<Vec<u32>> {
 
 /// Generates for `prompts` (already token ids) and prints text, or JSON.
 fn generate_and_print(
-    model: &mut LoadedModel,
+    model: LoadedModel,
     tokenizer: &TextTokenizer,
     prompts: Vec<Vec<u32>>,
     g: &GenerateArgs,
@@ -64,7 +65,10 @@ fn generate_and_print(
             let _ = stdout.flush();
         }
     };
-    let (results, timing) = generate(model, tokenizer, &requests, &mut on_text)?;
+    let name = model.name.clone();
+    let mut sched = Scheduler::new(model.runner, tokenizer.clone(), batch_config(&requests));
+    let (results, timing) = generate(&mut sched, &requests, &mut on_text)?;
+    let runner = sched.runner();
     if g.json {
         let choices: Vec<_> = results
             .iter()
@@ -79,12 +83,12 @@ fn generate_and_print(
                 })
             })
             .collect();
-        let stats = model.runner.experts().stats();
+        let stats = runner.experts().stats();
         let out = json!({
-            "model": model.name,
+            "model": name,
             "choices": choices,
             "timing": timing,
-            "expert_cache": {"slots": model.runner.experts().capacity(), "hits": stats.hits,
+            "expert_cache": {"slots": runner.experts().capacity(), "hits": stats.hits,
                              "misses": stats.misses, "evictions": stats.evictions, "bytes_read": stats.bytes_read},
         });
         println!("{}", serde_json::to_string(&out)?);
@@ -102,7 +106,7 @@ fn generate_and_print(
             timing.prefill_seconds,
             timing.decode_steps,
             tps,
-            model.runner.backend().name()
+            runner.backend().name()
         );
     }
     Ok(())
@@ -125,7 +129,7 @@ fn open(
 
 /// `tilectl run MODEL --prompt TEXT…`.
 pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
-    let (mut model, tokenizer) = open(state_dir, &args.model, &args.generate)?;
+    let (model, tokenizer) = open(state_dir, &args.model, &args.generate)?;
     let mut prompts = Vec::new();
     for text in &args.prompt {
         let text = if args.chat {
@@ -142,7 +146,7 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     if prompts.is_empty() {
         bail!("give --prompt or --prompt-ids");
     }
-    generate_and_print(&mut model, &tokenizer, prompts, &args.generate)
+    generate_and_print(model, &tokenizer, prompts, &args.generate)
 }
 
 /// `tilectl demo`: synthesizes `tiny` into the store if it is not there, then generates.
@@ -163,8 +167,8 @@ pub fn demo(state_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     }
-    let (mut model, tokenizer) = open(state_dir, NAME, &args.generate)?;
+    let (model, tokenizer) = open(state_dir, NAME, &args.generate)?;
     eprintln!("{}: {}", NAME, args.prompt);
     let ids = tokenizer.encode(&args.prompt, true)?;
-    generate_and_print(&mut model, &tokenizer, vec![ids], &args.generate)
+    generate_and_print(model, &tokenizer, vec![ids], &args.generate)
 }

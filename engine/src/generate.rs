@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-use crate::model::LoadedModel;
+use crate::backend::Backend;
+use crate::forward::ExpertProvider;
 use crate::sampler::{FinishReason, SamplingParams};
 use crate::sched::{JobEvent, JobRequest, JobSink, Scheduler, SchedulerConfig, SubmitError};
-use crate::tokenizer::TextTokenizer;
 
 /// Why generation failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,22 +85,24 @@ impl JobSink for ChannelSink {
     }
 }
 
-/// Runs `requests` as one batch through the continuous-batching scheduler.
-/// `on_text(index, delta)` is called as text becomes final.
-pub fn generate(
-    model: &mut LoadedModel,
-    tokenizer: &TextTokenizer,
-    requests: &[GenerateRequest],
-    on_text: &mut dyn FnMut(usize, &str),
-) -> Result<(Vec<Generation>, Timing), GenerateError> {
+/// Scheduler limits under which [`generate`] runs `requests` as one batch.
+pub fn batch_config(requests: &[GenerateRequest]) -> SchedulerConfig {
     let n = requests.len().max(1);
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
-    let config = SchedulerConfig {
+    SchedulerConfig {
         max_running: n,
         max_waiting: n,
         prefill_chunk: prompt_tokens.max(1),
-    };
-    let mut sched = Scheduler::new(&mut model.runner, tokenizer.clone(), config);
+    }
+}
+
+/// Runs `requests` through `sched` (made with [`batch_config`] to run them as one batch) until
+/// all stop. `on_text(index, delta)` is called as text becomes final.
+pub fn generate<B: Backend, P: ExpertProvider>(
+    sched: &mut Scheduler<B, P>,
+    requests: &[GenerateRequest],
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<(Vec<Generation>, Timing), GenerateError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mut results: Vec<Generation> = requests
         .iter()

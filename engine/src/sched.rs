@@ -92,6 +92,12 @@ pub enum JobEvent {
 pub trait JobSink: Send {
     /// Delivers one event.
     fn emit(&mut self, event: JobEvent) -> bool;
+
+    /// Whether anyone still listens (checked every step, so a job whose client went away is
+    /// dropped even before it produces a token).
+    fn is_alive(&self) -> bool {
+        true
+    }
 }
 
 /// A job as submitted.
@@ -157,8 +163,8 @@ pub struct StepReport {
 }
 
 /// Continuous batching over one model runner.
-pub struct Scheduler<'r, B: Backend, P: ExpertProvider> {
-    runner: &'r mut ModelRunner<B, P>,
+pub struct Scheduler<B: Backend, P: ExpertProvider> {
+    runner: ModelRunner<B, P>,
     tokenizer: TextTokenizer,
     eos: Vec<u32>,
     config: SchedulerConfig,
@@ -168,7 +174,7 @@ pub struct Scheduler<'r, B: Backend, P: ExpertProvider> {
     next_id: JobId,
 }
 
-impl<B: Backend, P: ExpertProvider> std::fmt::Debug for Scheduler<'_, B, P> {
+impl<B: Backend, P: ExpertProvider> std::fmt::Debug for Scheduler<B, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
             .field("config", &self.config)
@@ -179,10 +185,10 @@ impl<B: Backend, P: ExpertProvider> std::fmt::Debug for Scheduler<'_, B, P> {
     }
 }
 
-impl<'r, B: Backend, P: ExpertProvider> Scheduler<'r, B, P> {
+impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
     /// A scheduler over `runner`; `tokenizer` detokenizes and gives the EOS ids.
     pub fn new(
-        runner: &'r mut ModelRunner<B, P>,
+        runner: ModelRunner<B, P>,
         tokenizer: TextTokenizer,
         config: SchedulerConfig,
     ) -> Self {
@@ -204,6 +210,26 @@ impl<'r, B: Backend, P: ExpertProvider> Scheduler<'r, B, P> {
 
     /// The runner (for stats).
     pub fn runner(&self) -> &ModelRunner<B, P> {
+        &self.runner
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> SchedulerConfig {
+        self.config
+    }
+
+    /// Changes the limits (jobs already admitted stay).
+    pub fn set_config(&mut self, config: SchedulerConfig) {
+        self.config = config;
+    }
+
+    /// Gives the runner back (all jobs are dropped).
+    pub fn into_runner(self) -> ModelRunner<B, P> {
         self.runner
     }
 
@@ -334,10 +360,22 @@ impl<'r, B: Backend, P: ExpertProvider> Scheduler<'r, B, P> {
         ended
     }
 
-    /// Ends jobs past their deadline.
+    /// Ends jobs past their deadline and drops those whose client has gone.
     fn expire(&mut self, now: Instant) -> usize {
         let late = |j: &Job| j.deadline.is_some_and(|d| now >= d);
-        let mut ended = 0;
+        let before = self.waiting.len();
+        self.waiting.retain(|j| j.sink.is_alive());
+        let mut ended = before - self.waiting.len();
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].sink.is_alive() {
+                i += 1;
+            } else {
+                let job = self.running.swap_remove(i);
+                self.release(&job);
+                ended += 1;
+            }
+        }
         let mut i = 0;
         while i < self.waiting.len() {
             if late(&self.waiting[i]) {

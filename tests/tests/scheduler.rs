@@ -86,14 +86,14 @@ fn collect(
 
 #[test]
 fn jobs_joining_a_running_batch_get_their_own_continuation() {
-    let (_state, mut model, tokenizer, golden) = open("mixtral");
+    let (_state, model, tokenizer, golden) = open("mixtral");
     let cases: Vec<&Value> = golden["cases"].as_array().unwrap().iter().collect();
     let config = SchedulerConfig {
         max_running: 3,
         max_waiting: 8,
         prefill_chunk: 5,
     };
-    let mut sched = Scheduler::new(&mut model.runner, tokenizer, config);
+    let mut sched = Scheduler::new(model.runner, tokenizer, config);
     let (tx, rx) = mpsc::channel();
     let sink = |index| {
         Box::new(Sink {
@@ -135,14 +135,14 @@ fn jobs_joining_a_running_batch_get_their_own_continuation() {
 
 #[test]
 fn cancellation_and_hang_up_free_capacity() {
-    let (_state, mut model, tokenizer, golden) = open("olmoe");
+    let (_state, model, tokenizer, golden) = open("olmoe");
     let case = &golden["cases"][0];
     let config = SchedulerConfig {
         max_running: 2,
         max_waiting: 2,
         prefill_chunk: 64,
     };
-    let mut sched = Scheduler::new(&mut model.runner, tokenizer, config);
+    let mut sched = Scheduler::new(model.runner, tokenizer, config);
     let (tx, rx) = mpsc::channel();
     let hang = Box::new(Sink {
         index: 0,
@@ -176,14 +176,14 @@ fn cancellation_and_hang_up_free_capacity() {
 
 #[test]
 fn admission_limits_are_clear_errors() {
-    let (_state, mut model, tokenizer, golden) = open("olmoe");
+    let (_state, model, tokenizer, golden) = open("olmoe");
     let case = &golden["cases"][0];
     let config = SchedulerConfig {
         max_running: 1,
         max_waiting: 1,
         prefill_chunk: 64,
     };
-    let mut sched = Scheduler::new(&mut model.runner, tokenizer, config);
+    let mut sched = Scheduler::new(model.runner, tokenizer, config);
     let (tx, _rx) = mpsc::channel();
     let sink = |index| {
         Box::new(Sink {
