@@ -156,6 +156,7 @@ pub fn generate<B: Backend, P: ExpertProvider>(
                         out.text.push_str(&text);
                     }
                 }
+                JobEvent::Admitted => {}
                 JobEvent::Done { finish_reason, .. } => out.finish_reason = finish_reason,
                 JobEvent::Failed { message, .. } => {
                     return Err(GenerateError::Failed { index, message })

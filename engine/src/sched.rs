@@ -55,9 +55,12 @@ pub enum SubmitError {
     Params(#[from] SamplerError),
 }
 
-/// What happens to a job, in order: tokens, then exactly one `Done` or `Failed`.
+/// What happens to a job, in order: `Admitted`, tokens, then exactly one `Done` or `Failed`
+/// (a job refused or failed before admission sees only `Failed`).
 #[derive(Debug, Clone)]
 pub enum JobEvent {
+    /// The job joined the running batch (its queueing is over).
+    Admitted,
     /// One generated token.
     Token {
         /// Token id.
@@ -355,6 +358,11 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
                 continue;
             }
             self.reserved_blocks += job.blocks;
+            if !job.sink.emit(JobEvent::Admitted) {
+                self.release(&job);
+                ended += 1;
+                continue;
+            }
             self.running.push(job);
         }
         ended

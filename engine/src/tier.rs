@@ -334,3 +334,10 @@ impl crate::forward::ExpertProvider for ExpertCache {
         })
     }
 }
+
+impl ExpertCache {
+    /// Bytes of the slot buffers allocated so far.
+    pub fn resident_bytes(&self) -> u64 {
+        self.slots.iter().map(|s| s.buf.len() as u64).sum()
+    }
+}

@@ -77,6 +77,7 @@ fn collect(
                 out[i].0.push(id);
                 out[i].1.push(logprob);
             }
+            JobEvent::Admitted => {}
             JobEvent::Done { finish_reason, .. } => out[i].2 = Some(finish_reason),
             JobEvent::Failed { message, .. } => panic!("job {i} failed: {message}"),
         }

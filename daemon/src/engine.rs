@@ -1,0 +1,383 @@
+//! The engine thread: owns the loaded models and their schedulers, steps them, and talks to
+//! the tokio side only through messages (no lock shared with the API on the hot path).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tileflow_engine::backend::cpu::CpuBackend;
+use tileflow_engine::model::{LoadOptions, LoadedModel};
+use tileflow_engine::sched::{
+    JobEvent, JobId, JobRequest, JobSink, Scheduler, SchedulerConfig, SubmitError,
+};
+use tileflow_engine::store::Store;
+use tileflow_engine::tier::{ExpertCache, TierStats};
+use tileflow_engine::tokenizer::TextTokenizer;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// What the API side needs of a loaded model without asking the engine thread.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Its name.
+    pub name: String,
+    /// Its tokenizer (encoding prompts, chat templates, rendering logprob tokens).
+    pub tokenizer: TextTokenizer,
+    /// Unix seconds when its pack was written.
+    pub created: u64,
+}
+
+/// Why a submission was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// No such loaded model.
+    #[error("model {0:?} is not loaded")]
+    NotLoaded(String),
+    /// The scheduler refused.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// The engine thread is gone (shutting down).
+    #[error("the engine is shutting down")]
+    Gone,
+}
+
+/// One model's state as the engine reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelStatus {
+    /// Name.
+    pub name: String,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Requests running.
+    pub running: usize,
+    /// Free KV blocks.
+    pub kv_free_blocks: usize,
+    /// KV blocks in all.
+    pub kv_blocks: usize,
+    /// Expert slots.
+    pub expert_slots: usize,
+    /// Expert cache counters.
+    pub expert_hits: u64,
+    /// Misses.
+    pub expert_misses: u64,
+    /// Evictions.
+    pub expert_evictions: u64,
+    /// Bytes read from storage.
+    pub expert_bytes_read: u64,
+}
+
+enum Command {
+    Submit {
+        model: String,
+        request: JobRequest,
+        events: mpsc::UnboundedSender<JobEvent>,
+        reply: oneshot::Sender<Result<JobId, Refusal>>,
+    },
+    Load {
+        name: String,
+        reply: oneshot::Sender<Result<ModelInfo, String>>,
+    },
+    Unload {
+        name: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<ModelStatus>>,
+    },
+    SetLimits {
+        max_waiting: usize,
+    },
+    Shutdown,
+}
+
+/// Options the engine thread runs with.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// State directory of the model store.
+    pub state_dir: PathBuf,
+    /// Scheduler limits for each model.
+    pub scheduler: SchedulerConfig,
+    /// How models are opened.
+    pub load: LoadOptions,
+    /// Feed the systemd watchdog this often from the loop.
+    pub watchdog: Option<Duration>,
+}
+
+/// The tokio side's handle on the engine thread.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: std_mpsc::Sender<Command>,
+}
+
+struct ChannelSink(mpsc::UnboundedSender<JobEvent>);
+
+impl JobSink for ChannelSink {
+    fn emit(&mut self, event: JobEvent) -> bool {
+        self.0.send(event).is_ok()
+    }
+
+    fn is_alive(&self) -> bool {
+        !self.0.is_closed()
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn start(
+        options: EngineOptions,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = std_mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("tileflow-engine".into())
+            .spawn(move || {
+                EngineThread {
+                    options,
+                    metrics,
+                    models: BTreeMap::new(),
+                    rx,
+                }
+                .run()
+            })?;
+        Ok((EngineHandle { tx }, thread))
+    }
+
+    /// Queues a job; its events arrive on the returned receiver.
+    pub async fn submit(
+        &self,
+        model: &str,
+        request: JobRequest,
+    ) -> Result<(JobId, mpsc::UnboundedReceiver<JobEvent>), Refusal> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Submit {
+                model: model.to_string(),
+                request,
+                events,
+                reply,
+            })
+            .map_err(|_| Refusal::Gone)?;
+        let id = answer.await.map_err(|_| Refusal::Gone)??;
+        Ok((id, rx))
+    }
+
+    /// Loads a model from the store (no-op if loaded).
+    pub async fn load(&self, name: &str) -> Result<ModelInfo, String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Load {
+                name: name.to_string(),
+                reply,
+            })
+            .map_err(|_| "the engine is shutting down".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the engine is shutting down".to_string())?
+    }
+
+    /// Unloads a model; running requests on it end. False if it was not loaded.
+    pub async fn unload(&self, name: &str) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Unload {
+                name: name.to_string(),
+                reply,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
+    /// Every loaded model's state.
+    pub async fn status(&self) -> Vec<ModelStatus> {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Command::Status { reply }).is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Changes the waiting-queue bound live.
+    pub fn set_max_waiting(&self, max_waiting: usize) {
+        let _ = self.tx.send(Command::SetLimits { max_waiting });
+    }
+
+    /// Asks the thread to stop after dropping every job.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+type CpuScheduler = Scheduler<CpuBackend, ExpertCache>;
+
+struct EngineThread {
+    options: EngineOptions,
+    metrics: Arc<Metrics>,
+    models: BTreeMap<String, (CpuScheduler, TierStats)>,
+    rx: std_mpsc::Receiver<Command>,
+}
+
+impl EngineThread {
+    fn run(mut self) {
+        let idle_wait = self
+            .options
+            .watchdog
+            .map(|w| w / 2)
+            .unwrap_or(Duration::from_secs(1));
+        loop {
+            let busy = self.models.values().any(|(s, _)| !s.is_idle());
+            let first = if busy {
+                self.rx.try_recv().ok()
+            } else {
+                match self.rx.recv_timeout(idle_wait) {
+                    Ok(c) => Some(c),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut next = first;
+            while let Some(cmd) = next {
+                if !self.handle(cmd) {
+                    return;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            for (sched, last) in self.models.values_mut() {
+                if !sched.is_idle() {
+                    let report = sched.step();
+                    self.metrics
+                        .generation_tokens
+                        .inc_by(report.generated as u64);
+                    self.metrics
+                        .prompt_tokens
+                        .inc_by(report.prefill_tokens as u64);
+                }
+                let stats = sched.runner().experts().stats();
+                self.metrics
+                    .record_cache(last, &stats, sched.runner().experts().resident_bytes());
+                *last = stats;
+            }
+            let (waiting, running) = self
+                .models
+                .values()
+                .fold((0, 0), |(w, r), (s, _)| (w + s.load().0, r + s.load().1));
+            self.metrics.requests_waiting.set(waiting as i64);
+            self.metrics.requests_running.set(running as i64);
+            crate::systemd::notify_watchdog();
+        }
+    }
+
+    /// Handles one command; false to stop the thread.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit {
+                model,
+                request,
+                events,
+                reply,
+            } => {
+                let result = match self.models.get_mut(&model) {
+                    None => Err(Refusal::NotLoaded(model)),
+                    Some((sched, _)) => sched
+                        .submit(request, Box::new(ChannelSink(events)))
+                        .map_err(Refusal::from),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Load { name, reply } => {
+                let _ = reply.send(self.load(&name));
+            }
+            Command::Unload { name, reply } => {
+                let _ = reply.send(self.models.remove(&name).is_some());
+            }
+            Command::Status { reply } => {
+                let status = self
+                    .models
+                    .iter()
+                    .map(|(name, (s, _))| {
+                        let kv = s.runner().kv_cache();
+                        let cache = s.runner().experts();
+                        let st = cache.stats();
+                        ModelStatus {
+                            name: name.clone(),
+                            waiting: s.load().0,
+                            running: s.load().1,
+                            kv_free_blocks: kv.free_blocks(),
+                            kv_blocks: kv.layout().num_blocks,
+                            expert_slots: cache.capacity(),
+                            expert_hits: st.hits,
+                            expert_misses: st.misses,
+                            expert_evictions: st.evictions,
+                            expert_bytes_read: st.bytes_read,
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(status);
+            }
+            Command::SetLimits { max_waiting } => {
+                self.options.scheduler.max_waiting = max_waiting;
+                for (s, _) in self.models.values_mut() {
+                    let mut c = s.config();
+                    c.max_waiting = max_waiting;
+                    s.set_config(c);
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn load(&mut self, name: &str) -> Result<ModelInfo, String> {
+        let store = Store::new(&self.options.state_dir);
+        let chain = |e: &dyn std::error::Error| {
+            let mut m = e.to_string();
+            let mut s = e.source();
+            while let Some(x) = s {
+                m.push_str(": ");
+                m.push_str(&x.to_string());
+                s = x.source();
+            }
+            m
+        };
+        if let Some((s, _)) = self.models.get(name) {
+            let created = created_of(&store, name);
+            return Ok(ModelInfo {
+                name: name.to_string(),
+                tokenizer: s.tokenizer().clone(),
+                created,
+            });
+        }
+        crate::systemd::notify_status(&format!("loading model {name}"));
+        let model = LoadedModel::open(&store, name, &self.options.load).map_err(|e| chain(&e))?;
+        let tokenizer = TextTokenizer::from_dir(&model.dir).map_err(|e| chain(&e))?;
+        let info = ModelInfo {
+            name: name.to_string(),
+            tokenizer: tokenizer.clone(),
+            created: created_of(&store, name),
+        };
+        let sched = Scheduler::new(model.runner, tokenizer, self.options.scheduler);
+        self.models
+            .insert(name.to_string(), (sched, TierStats::default()));
+        crate::systemd::notify_status(&format!("serving {} model(s)", self.models.len()));
+        Ok(info)
+    }
+}
+
+/// Unix seconds of a pack's manifest (its import time), 0 if unknown.
+fn created_of(store: &Store, name: &str) -> u64 {
+    store
+        .model_dir(name)
+        .ok()
+        .and_then(|d| std::fs::metadata(d.join("manifest.json")).ok())
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
