@@ -1,13 +1,174 @@
-//! `tileflowd`, the TileFlow daemon. The Unix-socket API arrives with the daemon issue.
+//! `tileflowd`, the TileFlow daemon: flags, the `config` subcommands, and the exit codes.
 
-use clap::Parser;
+use std::io::{self, Write};
+use std::process::ExitCode;
 
-/// TileFlow daemon (not yet serving: see the README for what works now).
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use tileflow_daemon::config::{Config, ConfigError, ConfigSources, Loaded, Origin};
+
+/// Exit status of a configuration error (1 is any other failure).
+const EXIT_CONFIG: u8 = 2;
+
+/// The TileFlow daemon: serves Mixture-of-Experts models over an HTTP API on a Unix socket.
 #[derive(Debug, Parser)]
 #[command(name = "tileflowd", version)]
-struct Args {}
+struct Args {
+    #[command(flatten)]
+    flags: Flags,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("tileflowd does not serve yet; use `tilectl run` for offline generation")
+/// Overrides of config keys; each also has an environment variable.
+#[derive(Debug, clap::Args)]
+struct Flags {
+    /// Config file; drop-ins are read from FILE.d/*.toml [default: /etc/tileflow/tileflowd.toml]
+    #[arg(long, global = true, env = "TILEFLOW_CONFIG", value_name = "FILE")]
+    config: Option<String>,
+    /// API socket path (server.socket)
+    #[arg(
+        long,
+        global = true,
+        env = "TILEFLOW_SERVER__SOCKET",
+        value_name = "PATH"
+    )]
+    socket: Option<String>,
+    /// Model store directory (models.state_dir)
+    #[arg(
+        long,
+        global = true,
+        env = "TILEFLOW_MODELS__STATE_DIR",
+        value_name = "DIR"
+    )]
+    state_dir: Option<String>,
+    /// Compute device (engine.device)
+    #[arg(
+        long,
+        global = true,
+        env = "TILEFLOW_ENGINE__DEVICE",
+        value_name = "auto|cpu|cuda"
+    )]
+    device: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print or check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print every option with its default, as commented TOML (etc/tileflowd.toml).
+    Default,
+    /// Load and validate the file, drop-ins, environment and flags; print the effective
+    /// configuration, or the error and exit 2.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(args, &matches) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tileflowd: error: {err:#}");
+            if err.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
+    match args.command {
+        Some(Command::Config(ConfigCommand::Default)) => print_out(&Config::default_toml()),
+        Some(Command::Config(ConfigCommand::Check)) => {
+            let loaded = load(&args.flags, matches)?;
+            print_out(&check_report(&loaded))
+        }
+        None => serve(load(&args.flags, matches)?.config),
+    }
+}
+
+/// Runs the daemon until SIGTERM.
+fn serve(config: Config) -> anyhow::Result<()> {
+    drop(config);
+    anyhow::bail!("serving arrives with the API")
+}
+
+/// Loads the configuration: defaults, file, drop-ins, environment, then the flags given on the
+/// command line (a flag's environment twin is read by the environment layer already).
+fn load(flags: &Flags, matches: &ArgMatches) -> Result<Loaded, ConfigError> {
+    let mut opts = ConfigSources {
+        config: flags.config.as_ref().map(Into::into),
+        ..ConfigSources::default()
+    }
+    .with_process_env();
+    let overrides = [
+        ("socket", &flags.socket, "server.socket", "--socket"),
+        (
+            "state_dir",
+            &flags.state_dir,
+            "models.state_dir",
+            "--state-dir",
+        ),
+        ("device", &flags.device, "engine.device", "--device"),
+    ];
+    for (id, value, key, flag) in overrides {
+        if let Some(value) = value.as_ref().filter(|_| from_command_line(matches, id)) {
+            opts = opts.with_flag(key, value.clone(), flag);
+        }
+    }
+    Config::load_detailed(&opts)
+}
+
+/// Whether the global argument `id` was given on the command line, at any subcommand level.
+fn from_command_line(matches: &ArgMatches, id: &str) -> bool {
+    let mut level = Some(matches);
+    while let Some(m) = level {
+        if m.value_source(id) == Some(ValueSource::CommandLine) {
+            return true;
+        }
+        level = m.subcommand().map(|(_, sub)| sub);
+    }
+    false
+}
+
+/// `config check`'s output: the effective configuration, each value not at its default marked
+/// with where it was set.
+fn check_report(loaded: &Loaded) -> String {
+    let files = if loaded.files.is_empty() {
+        "none".to_owned()
+    } else {
+        let names: Vec<String> = loaded
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
+        names.join(", ")
+    };
+    let header = format!(
+        "# Effective tileflowd configuration: valid.\n# Files read: {files}.\n# Values set \
+         by a file, the environment or a flag say so at the end of their line.\n"
+    );
+    loaded
+        .config
+        .to_annotated_toml(&header, |key| match loaded.origin(key) {
+            Origin::Default => None,
+            origin => Some(format!("from {origin}")),
+        })
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    match io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
+    }
 }
