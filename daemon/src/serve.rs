@@ -1,113 +1,84 @@
-//! Serving: the engine thread, the Unix socket (or the one systemd passed), the optional
-//! loopback metrics listener, signals (SIGTERM drains, SIGHUP reloads) and readiness.
+//! Serving: the engine thread, the Unix socket (the one systemd passed, or one bound at
+//! `server.socket`), the optional loopback metrics listener, readiness, SIGHUP reloads and the
+//! SIGTERM drain.
 
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tileflow_engine::model::LoadOptions;
-use tileflow_engine::sched::SchedulerConfig;
 use tileflow_engine::store::Store;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::{self, AppState, Peer};
+use crate::config::{Config, ConfigSources, Device};
 use crate::engine::{EngineHandle, EngineOptions};
 use crate::metrics::Metrics;
 use crate::systemd;
 
-/// Everything `serve` needs, resolved from the config.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Socket path (ignored under socket activation).
-    pub socket: PathBuf,
-    /// Socket file mode.
-    pub socket_mode: u32,
-    /// State directory.
-    pub state_dir: PathBuf,
-    /// Admin group name.
-    pub admin_group: String,
-    /// Loopback address for `/metrics` over TCP.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Per-request timeout.
-    pub request_timeout: Duration,
-    /// How long SIGTERM waits for running requests.
-    pub drain_grace: Duration,
-    /// Largest request body.
-    pub max_body_bytes: usize,
-    /// Scheduler limits.
-    pub scheduler: SchedulerConfig,
-    /// How models are opened.
-    pub load: LoadOptions,
-    /// Models loaded before READY=1.
-    pub preload: Vec<String>,
-    /// Device name for status.
-    pub device: String,
+/// Sets the log filter live (tracing's reload handle), for `log.level` on SIGHUP.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// How models are opened under `config`.
+fn load_options(config: &Config) -> LoadOptions {
+    LoadOptions {
+        expert_slots: (config.cache.expert_slots > 0).then_some(config.cache.expert_slots),
+        verify: config.cache.verify.into(),
+        kv: config.scheduler.kv_cache(),
+        threads: (config.engine.threads > 0).then_some(config.engine.threads),
+    }
 }
 
-/// A pre-opened listener from systemd socket activation, if any.
-pub type InheritedListener = Option<std::os::unix::net::UnixListener>;
-
-/// Binds the socket path: removes a stale socket file, creates the parent directory, sets the mode.
-fn bind(path: &PathBuf, mode: u32) -> anyhow::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        anyhow::bail!("{} is in use by another daemon", path.display());
-    }
-    let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(listener)
-}
-
-/// Runs the daemon until SIGTERM/SIGINT; `on_reload` is called on SIGHUP with the state.
+/// Runs the daemon until SIGTERM/SIGINT. `sources` are re-read on SIGHUP.
 pub fn serve(
-    options: ServeOptions,
-    inherited: InheritedListener,
-    on_reload: Box<dyn Fn(&AppState) + Send + Sync>,
+    config: Config,
+    sources: ConfigSources,
+    set_log_level: SetLogLevel,
 ) -> anyhow::Result<()> {
+    if config.engine.device == Device::Cuda {
+        anyhow::bail!(
+            "engine.device = \"cuda\": the CUDA backend is not built yet; use \"cpu\" or \"auto\""
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tileflow-api")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(options, inherited, on_reload))
+    runtime.block_on(run(config, sources, set_log_level))
 }
 
 async fn run(
-    options: ServeOptions,
-    inherited: InheritedListener,
-    on_reload: Box<dyn Fn(&AppState) + Send + Sync>,
+    config: Config,
+    sources: ConfigSources,
+    set_log_level: SetLogLevel,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let engine_options = EngineOptions {
-        state_dir: options.state_dir.clone(),
-        scheduler: options.scheduler,
-        load: options.load.clone(),
-        watchdog: None,
+        state_dir: config.models.state_dir.clone(),
+        scheduler: config.scheduler.limits(),
+        load: load_options(&config),
+        watchdog: systemd::watchdog_interval(),
     };
     let (engine, engine_thread) = EngineHandle::start(engine_options, metrics.clone())
         .context("cannot start the engine thread")?;
+    tracing::info!(device = "cpu", "compute device (CPU backend)");
     let state = Arc::new(AppState {
         engine: engine.clone(),
         models: RwLock::default(),
         metrics,
-        store: Store::new(&options.state_dir),
-        admin_group: options.admin_group.clone(),
-        request_timeout: RwLock::new(options.request_timeout),
+        store: Store::new(&config.models.state_dir),
+        admin_group: config.server.admin_group.clone(),
+        request_timeout: RwLock::new(config.server.request_timeout.get()),
+        drain_grace: RwLock::new(config.server.drain_grace.get()),
+        max_body_bytes: RwLock::new(config.server.max_body_bytes.bytes()),
         started: Instant::now(),
-        device: options.device.clone(),
+        device: "cpu".into(),
     });
-    for name in &options.preload {
-        systemd::notify_status(&format!("loading {name}"));
+    for name in &config.models.preload {
+        systemd::notify_status(&format!("loading model {name}"));
+        systemd::notify_extend_timeout(Duration::from_secs(300));
         let info = engine
             .load(name)
             .await
@@ -115,18 +86,17 @@ async fn run(
         state.insert_model(info);
         tracing::info!(model = %name, "model loaded");
     }
-    let listener = match inherited {
-        Some(l) => {
-            l.set_nonblocking(true)
-                .context("cannot use the socket systemd passed")?;
-            UnixListener::from_std(l).context("cannot use the socket systemd passed")?
-        }
-        None => bind(&options.socket, options.socket_mode)?,
-    };
-    if let Some(addr) = options.metrics_listen {
+    let socket = systemd::open_api_socket(&config.server).context("cannot open the API socket")?;
+    socket
+        .listener
+        .set_nonblocking(true)
+        .context("cannot use the API socket")?;
+    let listener = UnixListener::from_std(socket.listener).context("cannot use the API socket")?;
+    let _socket_file = socket.file;
+    if let Some(addr) = config.server.metrics_listen.get() {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("cannot bind metrics listener {addr}"))?;
+            .with_context(|| format!("cannot bind the metrics listener {addr}"))?;
         let app = api::metrics_router(state.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, app).await {
@@ -137,49 +107,98 @@ async fn run(
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let reload_state = state.clone();
     tokio::spawn(async move {
+        let mut current = config;
         while hup.recv().await.is_some() {
-            on_reload(&reload_state);
+            reload(&mut current, &sources, &reload_state, &set_log_level);
         }
     });
-    let app = api::router(state.clone(), options.max_body_bytes);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
         };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        tracing::info!("stopping: draining running requests");
+        tracing::info!("stopping: no new connections, draining running requests");
         systemd::notify_stopping();
         let _ = stop_tx.send(true);
     };
+    let app = api::router(state.clone());
     systemd::notify_ready();
-    systemd::notify_status(&format!("serving on {}", options.socket.display()));
-    tracing::info!(socket = %options.socket.display(), "tileflowd ready");
+    systemd::notify_status(&format!("serving {} model(s)", state.loaded().len()));
+    tracing::info!("tileflowd ready");
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown);
-    let mut stopped = stop_rx.clone();
-    let grace = options.drain_grace;
+    let grace_state = state.clone();
     tokio::select! {
         r = server => r.context("the HTTP server failed")?,
         _ = async move {
-            let _ = stopped.wait_for(|s| *s).await;
+            let _ = stop_rx.wait_for(|s| *s).await;
+            let grace = grace_state.drain_grace.read().map(|g| *g).unwrap_or(Duration::from_secs(30));
             tokio::time::sleep(grace).await;
         } => tracing::warn!("drain grace over: cancelling the requests still running"),
     }
     engine.shutdown();
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
-    if inherited_path_owned(&options) {
-        let _ = std::fs::remove_file(&options.socket);
-    }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Whether we created the socket file (and so remove it on exit).
-fn inherited_path_owned(options: &ServeOptions) -> bool {
-    std::env::var_os("LISTEN_FDS").is_none() && options.socket.exists()
+/// SIGHUP: re-reads the configuration; applies the keys that are safe live, keeps the old
+/// configuration (and says so) when the new one is invalid.
+fn reload(
+    current: &mut Config,
+    sources: &ConfigSources,
+    state: &AppState,
+    set_log_level: &SetLogLevel,
+) {
+    systemd::notify_reloading();
+    match Config::load(sources) {
+        Err(e) => {
+            tracing::error!("reload: the new configuration is invalid, keeping the old one: {e}")
+        }
+        Ok(new) => {
+            let (live, restart) = Config::live_diff(current, &new);
+            for key in &live {
+                let applied = match *key {
+                    "log.level" => set_log_level(&new.log.level),
+                    "server.request_timeout" => {
+                        set(&state.request_timeout, new.server.request_timeout.get())
+                    }
+                    "server.drain_grace" => set(&state.drain_grace, new.server.drain_grace.get()),
+                    "server.max_body_bytes" => {
+                        set(&state.max_body_bytes, new.server.max_body_bytes.bytes())
+                    }
+                    "scheduler.max_waiting" => {
+                        state.engine.set_max_waiting(new.scheduler.max_waiting);
+                        Ok(())
+                    }
+                    other => Err(format!("{other} has no live setter")),
+                };
+                match applied {
+                    Ok(()) => tracing::info!(key, "reload: applied"),
+                    Err(e) => tracing::warn!(key, "reload: not applied: {e}"),
+                }
+            }
+            if !restart.is_empty() {
+                tracing::warn!(
+                    "reload: these changes take effect after a restart: {}",
+                    restart.join(", ")
+                );
+            }
+            if live.is_empty() && restart.is_empty() {
+                tracing::info!("reload: configuration unchanged");
+            }
+            *current = new;
+        }
+    }
+    systemd::notify_ready();
+}
+
+fn set<T>(lock: &RwLock<T>, value: T) -> Result<(), String> {
+    lock.write()
+        .map(|mut v| *v = value)
+        .map_err(|_| "lock poisoned".to_string())
 }

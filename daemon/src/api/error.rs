@@ -1,6 +1,5 @@
 //! Every non-2xx answer is an OpenAI error object with a stable `type` per kind of error.
 
-use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -108,28 +107,6 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> ApiError {
-        match r {
-            JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    kind: "invalid_request_error",
-                    code: Some("body_too_large"),
-                    message: "the request body is larger than server.max_body_bytes".into(),
-                }
-            }
-            JsonRejection::MissingJsonContentType(_) => ApiError {
-                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                kind: "invalid_request_error",
-                code: None,
-                message: "expected a JSON body with Content-Type: application/json".into(),
-            },
-            other => ApiError::invalid_code("invalid_json", other.body_text()),
-        }
     }
 }
 

@@ -37,6 +37,10 @@ pub struct AppState {
     pub admin_group: String,
     /// Per-request timeout (changes live on reload).
     pub request_timeout: RwLock<Duration>,
+    /// How long SIGTERM waits for running requests (changes live).
+    pub drain_grace: RwLock<Duration>,
+    /// Largest request body (changes live).
+    pub max_body_bytes: RwLock<u64>,
     /// When the daemon started.
     pub started: Instant,
     /// The compute device in use, as named in status.
@@ -87,16 +91,47 @@ impl AppState {
     }
 }
 
-/// A JSON body whose rejections are OpenAI error objects (400 naming the field, 413, 415).
+/// A JSON body whose rejections are OpenAI error objects (400 naming the field, 413 over
+/// `server.max_body_bytes`, 415 without a JSON content type).
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(JsonBody(v))
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json {
+            return Err(ApiError {
+                status: axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                kind: "invalid_request_error",
+                code: None,
+                message: "expected a JSON body with Content-Type: application/json".into(),
+            });
+        }
+        let limit = state.max_body_bytes.read().map(|l| *l).unwrap_or(1 << 20);
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError {
+                status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                kind: "invalid_request_error",
+                code: Some("body_too_large"),
+                message: format!(
+                    "the request body is larger than server.max_body_bytes ({limit} bytes)"
+                ),
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::invalid_code("invalid_json", format!("invalid request body: {e}"))
+        })
     }
 }
 
@@ -176,7 +211,7 @@ impl Drop for RequestGuard {
 }
 
 /// The router of the Unix socket.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
@@ -194,7 +229,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/health", get(native::health))
         .route("/metrics", get(native::metrics))
         .fallback(native::not_found)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 

@@ -1,0 +1,167 @@
+//! The registry of config keys: each key's documentation and whether a running daemon can apply
+//! a change to it. The registry renders `tileflowd config default` (and so `etc/tileflowd.toml`)
+//! and decides what a SIGHUP applies; a test keeps it in step with the serde types.
+
+use super::Config;
+
+/// One key of the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigKey {
+    /// Dotted name, `section.key`.
+    pub key: &'static str,
+    /// What the key does, in comment form (lines separated by `\n`).
+    pub doc: &'static str,
+    /// A running daemon applies a new value on SIGHUP; otherwise a restart is needed.
+    pub live: bool,
+}
+
+impl ConfigKey {
+    /// The section: `scheduler` for `scheduler.max_running`.
+    pub fn section(&self) -> &'static str {
+        self.key.split_once('.').map_or(self.key, |(s, _)| s)
+    }
+
+    /// The key within its section: `max_running` for `scheduler.max_running`.
+    pub fn name(&self) -> &'static str {
+        self.key.split_once('.').map_or(self.key, |(_, k)| k)
+    }
+
+    /// The environment variable that sets it: `TILEFLOW_SCHEDULER__MAX_RUNNING`.
+    pub fn env_var(&self) -> String {
+        format!(
+            "TILEFLOW_{}__{}",
+            self.section().to_ascii_uppercase(),
+            self.name().to_ascii_uppercase()
+        )
+    }
+}
+
+const fn key(key: &'static str, live: bool, doc: &'static str) -> ConfigKey {
+    ConfigKey { key, doc, live }
+}
+
+/// Every key, grouped by section in file order.
+pub const KEYS: &[ConfigKey] = &[
+    key("server.socket", false, "Path of the API socket (HTTP/1.1). Under socket activation systemd creates it\n(tileflowd.socket) and this path is only compared with the one passed in."),
+    key("server.socket_mode", false, "Permission bits of the socket file, an octal string. Whoever can open the socket\nmay run inference and read status."),
+    key("server.socket_group", false, "Group of the socket file; \"\" leaves the daemon's own group. A missing group is an\nerror as root and a warning otherwise."),
+    key("server.admin_group", false, "Members of this group (and root) may use admin routes: import, load, unload, rm,\ntune. \"\" means root only."),
+    key("server.metrics_listen", false, "Loopback IP:port of a TCP listener that serves /metrics only, for Prometheus,\nsuch as \"127.0.0.1:9464\"; \"\" for none. /metrics is always on the socket too."),
+    key("server.request_timeout", true, "A request not finished in this time is cancelled."),
+    key("server.drain_grace", true, "On SIGTERM, running requests may finish for this long, then they are cancelled."),
+    key("server.max_body_bytes", true, "Largest request body accepted (bytes, or with a unit: \"64KiB\", \"1MB\")."),
+    key("engine.device", false, "Compute backend: \"auto\" (CUDA when a GPU is usable, else the CPU), \"cpu\" or \"cuda\"."),
+    key("engine.threads", false, "CPU worker threads; 0 uses every core."),
+    key("scheduler.max_running", false, "Requests decoded together in one batch at most."),
+    key("scheduler.max_waiting", true, "Requests queued behind the running batch at most; more are refused with 429."),
+    key("scheduler.prefill_chunk", false, "Prompt tokens prefilled per step at most, so that a long prompt does not stall\nthe running decodes."),
+    key("scheduler.kv_blocks", false, "Blocks in the paged KV cache, shared by all requests."),
+    key("scheduler.kv_block_size", false, "Token slots per KV block."),
+    key("models.state_dir", false, "The model store: imported tile packs, tuning results and routing profiles."),
+    key("models.preload", false, "Models loaded before the daemon reports ready, such as [\"olmoe\"]."),
+    key("cache.expert_slots", false, "Routed-expert slots in the tile cache; 0 keeps every expert resident."),
+    key("cache.verify", false, "Checksum verification of expert reads: \"first\" (first read of each expert),\n\"always\" or \"never\" (raw-path benchmarks only)."),
+    key("log.level", true, "Log filter in tracing EnvFilter syntax: \"info\", \"debug\",\n\"info,tileflow_engine=debug\"."),
+    key("log.format", false, "Log line format: \"text\" or \"json\"."),
+];
+
+/// Section headings, in file order.
+const SECTIONS: &[(&str, &str)] = &[
+    (
+        "server",
+        "The API socket, the metrics listener and request limits.",
+    ),
+    ("engine", "The compute device."),
+    ("scheduler", "Continuous batching and the paged KV cache."),
+    ("models", "The model store and the models loaded at start."),
+    ("cache", "The expert tile cache."),
+    (
+        "log",
+        "Logging (to stderr, which systemd sends to the journal).",
+    ),
+];
+
+const DEFAULT_HEADER: &str = "\
+# tileflowd configuration: every option, with its default.
+#
+# Read in layers, each over the one before: built-in defaults; this file
+# (/etc/tileflow/tileflowd.toml, or --config FILE); drop-ins FILE.d/*.toml in lexical order,
+# each setting any subset of keys; environment variables TILEFLOW_<SECTION>__<KEY> such as
+# TILEFLOW_SCHEDULER__MAX_RUNNING=64; then the flags --socket, --state-dir and --device.
+# `tileflowd config check` validates the result and prints it with where each value came from.
+#
+# Sizes are bytes or take a unit (\"64KiB\", \"1MB\"); durations are seconds or take a unit
+# (\"30s\", \"10m\", \"1h30m\"). Keys marked (live) are applied on SIGHUP (systemctl reload
+# tileflowd); the others need a restart.
+";
+
+/// Looks up a key by section and name.
+pub(crate) fn find(section: &str, name: &str) -> Option<&'static ConfigKey> {
+    KEYS.iter()
+        .find(|k| k.section() == section && k.name() == name)
+}
+
+/// Whether `section` is a section of the file.
+pub(crate) fn is_section(section: &str) -> bool {
+    SECTIONS.iter().any(|(s, _)| *s == section)
+}
+
+/// `config` as a table of sections; infallible for our types (every field maps to TOML).
+pub(crate) fn to_table(config: &Config) -> toml::Table {
+    toml::Table::try_from(config).unwrap_or_default()
+}
+
+/// The value of `key` in a table of sections.
+pub(crate) fn lookup<'t>(table: &'t toml::Table, key: &ConfigKey) -> Option<&'t toml::Value> {
+    table.get(key.section())?.as_table()?.get(key.name())
+}
+
+/// Renders `config` as commented TOML under `header` (the default file's when `None`).
+/// `origin(key)` may give a note for a key's line (where
+/// its value came from); with no notes this is the default file.
+pub(crate) fn render(
+    config: &Config,
+    header: Option<&str>,
+    origin: impl Fn(&str) -> Option<String>,
+) -> String {
+    let table = to_table(config);
+    let mut out = String::from(header.unwrap_or(DEFAULT_HEADER));
+    for (section, heading) in SECTIONS {
+        out.push_str(&format!("\n# {heading}\n[{section}]\n"));
+        for key in KEYS.iter().filter(|k| k.section() == *section) {
+            out.push('\n');
+            for line in key.doc.lines() {
+                out.push_str("# ");
+                out.push_str(line);
+                out.push('\n');
+            }
+            if key.live {
+                // Mark the last doc line: "… cancelled. (live)".
+                out.insert_str(out.len() - 1, " (live)");
+            }
+            let value = lookup(&table, key)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            out.push_str(&format!("{} = {value}", key.name()));
+            if let Some(note) = origin(key.key) {
+                out.push_str(&format!("  # {note}"));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// See [`Config::live_diff`].
+pub(crate) fn live_diff(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'static str>) {
+    let (old, new) = (to_table(old), to_table(new));
+    let (mut live, mut restart) = (Vec::new(), Vec::new());
+    for k in KEYS.iter().filter(|k| lookup(&old, k) != lookup(&new, k)) {
+        if k.live {
+            live.push(k.key);
+        } else {
+            restart.push(k.key);
+        }
+    }
+    (live, restart)
+}
