@@ -1,5 +1,6 @@
 //! Command-line definition of `tilectl`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -129,8 +130,8 @@ pub struct GenerateArgs {
     /// Return the N most likely tokens per step (0..=20; JSON output).
     #[arg(long)]
     pub logprobs: Option<usize>,
-    /// Routed-expert slots in memory (default: every expert resident).
-    #[arg(long)]
+    /// Routed-expert slots in memory, at least 1 (default: every expert resident).
+    #[arg(long, value_name = "N", value_parser = positive_count)]
     pub expert_slots: Option<usize>,
     /// Print the result as JSON (tokens, logprobs, timings).
     #[arg(long)]
@@ -169,15 +170,27 @@ pub struct DemoArgs {
     pub generate: GenerateArgs,
 }
 
+/// A count of at least one.
+fn positive_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Prints completions for `shell` to stdout.
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
-    clap_complete::generate(
-        shell,
-        &mut Cli::command(),
-        "tilectl",
-        &mut std::io::stdout(),
-    );
-    Ok(())
+    // Generated into memory first: clap_complete panics on a failed write, and a reader that
+    // stops early (`| head`) is not a failure of ours.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "tilectl", &mut script);
+    match std::io::stdout().write_all(&script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write the completions to stdout")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Writes `tilectl.1` and one page per subcommand into `dir`.
@@ -185,4 +198,29 @@ pub fn man(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     clap_mangen::generate_to(Cli::command(), dir)
         .with_context(|| format!("cannot write man pages into {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn expert_slots_must_be_positive() {
+        let parse = |slots: &str| {
+            Cli::try_parse_from(["tilectl", "run", "m", "-p", "x", "--expert-slots", slots])
+        };
+        let Command::Run(run) = parse("2").unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(run.generate.expert_slots, Some(2));
+        for bad in ["0", "two", ""] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--expert-slots"), "{bad}: {e}");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Opening a tile pack from the store as a runnable model on the CPU backend.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use crate::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
 use crate::safetensors_io::{Checkpoint, SafetensorsError};
 use crate::store::{Store, StoreError};
 use crate::tier::{ExpertCache, Verify};
-use crate::weights::TensorLoader;
+use crate::weights::{DenseWeights, TensorLoader, WeightsError};
 
 /// Why a model could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,31 @@ pub enum LoadError {
         /// Why.
         #[source]
         source: Box<SafetensorsError>,
+    },
+    /// A dense tensor is missing from dense.safetensors, has another shape, or is unreadable.
+    #[error("model {model}: {path} does not hold the dense weights the spec needs")]
+    DenseWeights {
+        /// Model name.
+        model: String,
+        /// The file.
+        path: String,
+        /// Which tensor, and why.
+        #[source]
+        source: Box<WeightsError>,
+    },
+    /// dense.safetensors holds a tensor the spec does not use: the manifest's spec and the
+    /// weights beside it disagree (a layer count, a family, a tie edited in one of them).
+    #[error(
+        "model {model}: {path} holds tensor {tensor}, which the manifest's spec does not use; \
+         the spec and the weights disagree"
+    )]
+    DenseUnused {
+        /// Model name.
+        model: String,
+        /// The file.
+        path: String,
+        /// The first such tensor.
+        tensor: String,
     },
     /// experts.tiles could not be opened.
     #[error("model {model}: cannot open {path}")]
@@ -101,10 +127,12 @@ pub struct LoadedModel {
     pub runner: ModelRunner<CpuBackend, ExpertCache>,
 }
 
-/// Reads dense tensors from a pack's dense.safetensors as f32.
+/// Reads dense tensors from a pack's dense.safetensors as f32, remembering which it was asked
+/// for.
 #[derive(Debug)]
 pub struct DenseLoader {
     checkpoint: Checkpoint,
+    asked: HashSet<String>,
 }
 
 /// Why a dense tensor could not be loaded.
@@ -140,7 +168,20 @@ impl DenseLoader {
     pub fn open(path: &Path) -> Result<DenseLoader, SafetensorsError> {
         Ok(DenseLoader {
             checkpoint: Checkpoint::open(path)?,
+            asked: HashSet::new(),
         })
+    }
+
+    /// Tensors of the file never asked for, by name.
+    pub fn unused(&self) -> impl Iterator<Item = &str> + '_ {
+        let mut names: Vec<&str> = self
+            .checkpoint
+            .tensors()
+            .map(|t| t.name.as_str())
+            .filter(|n| !self.asked.contains(*n))
+            .collect();
+        names.sort_unstable();
+        names.into_iter()
     }
 }
 
@@ -152,6 +193,7 @@ impl TensorLoader for DenseLoader {
     }
 
     fn load_f32(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, DenseLoadError> {
+        self.asked.insert(name.to_string());
         let file = || {
             self.checkpoint
                 .files()
@@ -217,14 +259,22 @@ impl LoadedModel {
             Some(n) => CpuBackend::with_threads(n),
             None => CpuBackend::new(),
         };
-        let runner = ModelRunner::load(
-            manifest.spec.clone(),
-            backend,
-            &mut dense,
-            cache,
-            options.kv,
-        )
-        .map_err(|source| LoadError::Engine {
+        let weights = DenseWeights::load(&manifest.spec, &mut dense).map_err(|source| {
+            LoadError::DenseWeights {
+                model: name.to_string(),
+                path: dense_path.display().to_string(),
+                source: Box::new(source),
+            }
+        })?;
+        if let Some(tensor) = dense.unused().next() {
+            return Err(LoadError::DenseUnused {
+                model: name.to_string(),
+                path: dense_path.display().to_string(),
+                tensor: tensor.to_string(),
+            });
+        }
+        let runner = ModelRunner::new(manifest.spec.clone(), backend, weights, cache, options.kv)
+            .map_err(|source| LoadError::Engine {
             model: name.to_string(),
             source,
         })?;

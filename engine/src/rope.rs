@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// How the inverse frequencies are scaled for longer contexts.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "rope_type")]
+#[serde(rename_all = "snake_case", tag = "rope_type", deny_unknown_fields)]
 pub enum RopeScaling {
     /// Plain RoPE.
     Default,
@@ -48,6 +48,7 @@ pub enum RopeScaling {
 
 /// A model's rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RopeSpec {
     /// Base wavelength.
     pub theta: f64,
