@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -19,21 +20,62 @@ pub fn fixture(family: &str) -> PathBuf {
 /// The fixture families.
 pub const FAMILIES: [&str; 4] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 
-/// Path of a workspace binary built beside the running test executable.
+/// Path of a workspace binary (`tilectl`, `tileflowd`), built fresh for this test run.
 ///
-/// `cargo test --workspace` builds every member's binaries before running tests.
+/// `cargo test` compiles other packages' binaries only as test harnesses, so the first call in
+/// each test executable runs `cargo build --bins` for the ctl and daemon packages into the same
+/// target directory and profile (a no-op when they are up to date).
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
+    // target/<profile>/deps/<test-exe> -> target/<profile>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    let built = BUILT.get_or_init(|| {
+        let profile = dir
+            .file_name()
+            .and_then(|p| p.to_str())
+            .unwrap_or("debug")
+            .to_string();
+        let target = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "tileflow-ctl",
+            "-p",
+            "tileflow-daemon",
+        ])
+        .current_dir(repo_root())
+        .env("CARGO_TARGET_DIR", &target);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        match cmd.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+            Err(e) => Err(format!("cannot run cargo: {e}")),
+        }
+    });
+    if let Err(e) = built {
+        panic!("cannot build the binaries under test:\n{e}");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} not found; build the workspace first (cargo test --workspace builds it)",
+        "{} not found after building it",
         path.display()
     );
     path
