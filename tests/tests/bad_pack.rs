@@ -412,7 +412,7 @@ fn bad_requests_are_clear_errors() {
     assert_names(
         &err,
         &[&format!(
-            "token id {vocab} is outside the vocabulary of {vocab}"
+            "prompt token id {vocab} at position 2 is outside the vocabulary of {vocab}"
         )],
     );
     let err = failed_cleanly(
