@@ -2,10 +2,14 @@
 //!
 //! A preset is a hub `config.json`; weights are drawn from a counter-based generator so any
 //! tensor (or one expert of it) can be produced alone, in parallel, and identically for a seed,
-//! whether written as a hub checkpoint or straight into a tile pack.
+//! whether written as a hub checkpoint or straight into a tile pack. Routers are built so that
+//! expert popularity per layer follows Zipf's law with a chosen exponent (the `route` module).
+
+mod route;
 
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::dtype::Dtype;
@@ -96,8 +100,8 @@ pub struct Synth {
     seed: u64,
     route_skew: f64,
     dtype: Dtype,
-    /// Router row scales by popularity rank, calibrated once.
-    rank_scales: std::sync::OnceLock<Vec<f32>>,
+    /// Router biases by popularity rank, calibrated once.
+    route_bias: std::sync::OnceLock<Vec<f64>>,
 }
 
 impl Synth {
@@ -120,6 +124,13 @@ impl Synth {
                 what: format!("preset {preset}"),
                 source: Box::new(e),
             })?;
+        if spec.hidden_size <= route::reserved_channels(&spec) {
+            return Err(PackError::Source(format!(
+                "preset {preset}: hidden size {} leaves no room for {} routing channels",
+                spec.hidden_size,
+                route::reserved_channels(&spec)
+            )));
+        }
         // The synthetic tokenizer puts its three special tokens last; eos is <|endoftext|>.
         let eos = tokenizer_vocab(&spec) - 3;
         config["eos_token_id"] = json!(eos);
@@ -135,7 +146,7 @@ impl Synth {
             seed,
             route_skew,
             dtype: Dtype::BF16,
-            rank_scales: std::sync::OnceLock::new(),
+            route_bias: std::sync::OnceLock::new(),
         })
     }
 
@@ -239,84 +250,115 @@ impl Synth {
         xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), self.seed)
     }
 
-    /// Uniform values in [-a, a] for `n` elements of stream `stream`, encoded in `dtype`.
+    /// Uniform values in [-a, a] for stream `stream`, encoded in the model's dtype.
+    ///
+    /// Each block of [`BLOCK`] elements is drawn from its own counter, so large tensors are
+    /// generated in parallel pieces with the same bytes as in one piece.
     fn fill(&self, stream: u64, a: f32, out: &mut [u8]) {
-        let size = self.dtype.size();
-        let mut vals = [0f32; 1024];
-        for (block, chunk) in out.chunks_mut(1024 * size).enumerate() {
-            let mut s = splitmix(stream ^ (block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let n = chunk.len() / size;
-            for v in vals.iter_mut().take(n) {
-                s = splitmix(s);
-                let unit = (s >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                *v = (2.0 * unit - 1.0) * a;
-            }
-            encode(self.dtype, &vals[..n], chunk);
+        let piece = BLOCK * PIECE_BLOCKS * self.dtype.size();
+        if out.len() <= piece {
+            fill_blocks(self.dtype, stream, a, 0, out);
+            return;
         }
+        out.par_chunks_mut(piece)
+            .enumerate()
+            .for_each(|(i, part)| fill_blocks(self.dtype, stream, a, i * PIECE_BLOCKS, part));
     }
 
-    /// Per-expert scale of layer `layer`'s router rows.
-    ///
-    /// A router row with a larger norm spreads that expert's logits wider, so it wins top-k more
-    /// often. The scales are calibrated (Monte Carlo over isotropic hidden states, which is what
-    /// RMSNorm'd random activations look like) so that the probability of expert e being picked
-    /// follows Zipf: ∝ 1 / rank(e)^route_skew, with ranks shuffled per layer.
-    fn router_scales(&self, layer: usize) -> Vec<f32> {
+    /// Zeroes the rows of the routing channels in a matrix whose rows are hidden channels
+    /// (`o_proj`, down projections, `o_proj` bias): nothing may write to them.
+    fn clear_routing_rows(&self, cols: usize, out: &mut [u8]) {
+        let n = route::reserved_channels(&self.spec) * cols * self.dtype.size();
+        out[..n].fill(0);
+    }
+
+    /// The embedding: uniform values, with the routing channels of each row set to the bias
+    /// constant and the token's Gaussian code.
+    fn embedding(&self, name: &str, out: &mut [u8]) {
+        self.fill(self.stream(name), 1.0, out);
+        let (e, size) = (self.spec.moe.num_experts, self.dtype.size());
+        let stream = self.stream(name) ^ 0xC0DE;
+        let row_bytes = self.spec.hidden_size * size;
+        out.par_chunks_mut(row_bytes)
+            .enumerate()
+            .for_each(|(token, row)| {
+                let mut vals = Vec::with_capacity(e + 1);
+                vals.push(route::BIAS_VALUE);
+                vals.extend((0..e).map(|c| route::code_value(stream, token, c, e)));
+                encode(self.dtype, &vals, &mut row[..(e + 1) * size]);
+            });
+    }
+
+    /// Layer `layer`'s router (`[experts, hidden]`, f32): see [`route`].
+    fn router(&self, layer: usize) -> Result<Vec<f32>, PackError> {
         let (e, k) = (self.spec.moe.num_experts, self.spec.moe.top_k);
-        let mut rank: Vec<usize> = (0..e).collect();
-        let mut s = splitmix(self.seed ^ 0x5EED ^ (layer as u64) << 32);
-        for i in (1..e).rev() {
-            s = splitmix(s);
-            rank.swap(i, (s % (i as u64 + 1)) as usize);
-        }
-        let by_rank = self.rank_scales.get_or_init(|| {
-            let weights: Vec<f64> = (0..e)
-                .map(|r| (1.0 / (r as f64 + 1.0)).powf(self.route_skew))
-                .collect();
-            let total: f64 = weights.iter().sum();
-            let target: Vec<f64> = weights
-                .iter()
-                .map(|w| (w / total * k as f64).min(0.995))
-                .collect();
-            zipf_scales(&target, k, self.seed)
+        let bias = self.route_bias.get_or_init(|| {
+            let target = route::zipf_targets(e, k, self.route_skew);
+            route::zipf_biases(&target, k, self.seed ^ 0x2AB1)
         });
-        rank.iter().map(|&r| by_rank[r]).collect()
+        let layer_seed = self.seed ^ ((layer as u64) << 32);
+        let rank = route::permutation(e, splitmix(layer_seed ^ 0x5EED));
+        let mix = route::orthogonal(e, splitmix(layer_seed ^ 0xC0DE));
+        let norm = format!("model.layers.{layer}.post_attention_layernorm.weight");
+        let gains = self.dtype.to_f32(&self.read_dense(&norm)?);
+        Ok(route::router_rows(
+            self.spec.hidden_size,
+            bias,
+            &rank,
+            &mix,
+            &gains,
+        ))
     }
 }
 
-/// Scales σ_e such that expert e is in the top-k of independent N(0, σ_e²) logits with
-/// probability `target[e]` (fixed-point iteration on Monte Carlo frequencies).
-fn zipf_scales(target: &[f64], k: usize, seed: u64) -> Vec<f32> {
-    const SAMPLES: usize = 4000;
-    let e = target.len();
-    let mut sigma = vec![1f64; e];
-    let mut z = vec![0f64; e];
-    let mut order: Vec<usize> = (0..e).collect();
-    for round in 0..40u64 {
-        let mut hits = vec![0usize; e];
-        let mut s = splitmix(seed ^ round);
-        for _ in 0..SAMPLES {
-            for (zi, sg) in z.iter_mut().zip(&sigma) {
-                // Box-Muller from two uniforms.
-                s = splitmix(s);
-                let u1 = ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                s = splitmix(s);
-                let u2 = (s >> 11) as f64 / (1u64 << 53) as f64;
-                *zi = sg * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            }
-            order.select_nth_unstable_by(k - 1, |&a, &b| z[b].total_cmp(&z[a]));
-            for &i in &order[..k] {
-                hits[i] += 1;
-            }
+/// Elements per generator block.
+const BLOCK: usize = 1024;
+/// Blocks per parallel piece of a large tensor.
+const PIECE_BLOCKS: usize = 256;
+
+/// Fills `out` with uniform values in [-a, a] from blocks `first_block..` of `stream`.
+///
+/// Element j of block b is a 32-bit hash of (key(stream, b) + j·φ): no element depends on
+/// another, so the loop vectorises (generation must outrun the disk).
+fn fill_blocks(dtype: Dtype, stream: u64, a: f32, first_block: usize, out: &mut [u8]) {
+    let size = dtype.size();
+    let step = 2.0 * a / (1u32 << 24) as f32;
+    let mut vals = [0f32; BLOCK];
+    let mut bits = [0u16; BLOCK];
+    for (i, chunk) in out.chunks_mut(BLOCK * size).enumerate() {
+        let block = (first_block + i) as u64;
+        let key = splitmix(stream ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as u32;
+        let n = chunk.len() / size;
+        for (j, v) in vals[..n].iter_mut().enumerate() {
+            let h = hash32(key.wrapping_add((j as u32).wrapping_mul(0x9E37_79B9)));
+            *v = (h >> 8) as f32 * step - a;
         }
-        for i in 0..e {
-            let freq = (hits[i] as f64 + 0.5) / SAMPLES as f64;
-            sigma[i] *= (target[i] / freq).powf(0.5);
+        if dtype == Dtype::BF16 {
+            for (b, v) in bits[..n].iter_mut().zip(&vals[..n]) {
+                *b = bf16_bits(*v);
+            }
+            for (o, b) in chunk.chunks_exact_mut(2).zip(&bits[..n]) {
+                o.copy_from_slice(&b.to_le_bytes());
+            }
+        } else {
+            encode(dtype, &vals[..n], chunk);
         }
-        let mean_log = sigma.iter().map(|v| v.ln()).sum::<f64>() / e as f64;
-        sigma.iter_mut().for_each(|v| *v /= mean_log.exp());
     }
-    sigma.into_iter().map(|v| v as f32).collect()
+}
+
+/// bf16 bits of a finite f32, rounded to nearest even (as `half::bf16::from_f32`).
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A 32-bit bijective mixer (Wellons' lowbias32).
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7FEB_352D);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846C_A68B);
+    x ^ (x >> 16)
 }
 
 fn splitmix(x: u64) -> u64 {
@@ -374,36 +416,28 @@ impl PackSource for Synth {
                 .collect();
             return Ok(self.dtype.from_f32(&vals));
         }
-        let fan_in = *shape.last().unwrap_or(&1) as f32;
+        let cols = *shape.last().unwrap_or(&1);
+        let fan_in = cols as f32;
         let mut out = vec![0u8; n * size];
         if name == "model.embed_tokens.weight" {
-            self.fill(self.stream(name), 1.0, &mut out);
-        } else if name.ends_with(".gate.weight") && self.route_skew > 0.0 {
+            self.embedding(name, &mut out);
+        } else if name.ends_with(".gate.weight") {
             let layer = name
                 .split('.')
                 .nth(2)
                 .and_then(|l| l.parse().ok())
-                .unwrap_or(0);
-            let scales = self.router_scales(layer);
-            let row = self.spec.hidden_size * size;
-            for (e, chunk) in out.chunks_mut(row).enumerate() {
-                let a = 3f32.sqrt() / fan_in.sqrt() * 4.0 * scales[e];
-                self.fill(self.stream(name) ^ e as u64, a, chunk);
-            }
+                .ok_or_else(|| PackError::Source(format!("{name} names no layer")))?;
+            return Ok(self.dtype.from_f32(&self.router(layer)?));
         } else if name.ends_with(".bias") {
             self.fill(self.stream(name), 0.02, &mut out);
         } else {
-            // Uniform with std 1/sqrt(fan_in); routers a little sharper so routing is decisive.
-            let sharp = if name.ends_with(".gate.weight") {
-                4.0
-            } else {
-                1.0
-            };
-            self.fill(
-                self.stream(name),
-                3f32.sqrt() / fan_in.sqrt() * sharp,
-                &mut out,
-            );
+            // Uniform with std 1/sqrt(fan_in).
+            self.fill(self.stream(name), 3f32.sqrt() / fan_in.sqrt(), &mut out);
+        }
+        if name.ends_with(".o_proj.weight") || name.ends_with(".down_proj.weight") {
+            self.clear_routing_rows(cols, &mut out);
+        } else if name.ends_with(".o_proj.bias") {
+            self.clear_routing_rows(1, &mut out);
         }
         Ok(out)
     }
@@ -418,6 +452,9 @@ impl PackSource for Synth {
         let [_, cols] = projection_shape(&self.spec, proj);
         let name = expert_tensor(&self.spec, layer, expert, proj);
         self.fill(self.stream(&name), 3f32.sqrt() / (cols as f32).sqrt(), out);
+        if proj == Projection::Down {
+            self.clear_routing_rows(cols, out);
+        }
         Ok(())
     }
 
@@ -444,5 +481,56 @@ impl PackSource for Synth {
             ),
             Vec::new(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_fill_is_the_serial_stream() {
+        let synth = Synth::new("tiny", 5, 0.0).unwrap();
+        let n = 3 * BLOCK * PIECE_BLOCKS * 2 + 1234;
+        let mut parallel = vec![0u8; n];
+        synth.fill(77, 0.5, &mut parallel);
+        let mut serial = vec![0u8; n];
+        fill_blocks(Dtype::BF16, 77, 0.5, 0, &mut serial);
+        assert!(parallel == serial);
+        let vals = Dtype::BF16.to_f32(&serial);
+        assert!(vals.iter().all(|v| v.abs() <= 0.5));
+        let mean = vals.iter().map(|&v| v as f64).sum::<f64>() / vals.len() as f64;
+        let var = vals.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / vals.len() as f64;
+        assert!(
+            mean.abs() < 0.005 && (var - 0.25 / 3.0).abs() < 0.002,
+            "{mean} {var}"
+        );
+    }
+
+    /// Nothing writes the routing channels, and the embedding sets them.
+    #[test]
+    fn routing_channels_are_reserved() {
+        let synth = Synth::new("tiny", 1, 1.0).unwrap();
+        let spec = synth.spec().clone();
+        let r = route::reserved_channels(&spec);
+        let f32s = |name: &str| Dtype::BF16.to_f32(&synth.read_dense(name).unwrap());
+        let o = f32s("model.layers.2.self_attn.o_proj.weight");
+        assert!(o[..r * spec.q_dim()].iter().all(|&v| v == 0.0));
+        assert!(o[r * spec.q_dim()..].iter().any(|&v| v != 0.0));
+        let [rows, cols] = projection_shape(&spec, Projection::Down);
+        let mut down = vec![0u8; rows * cols * 2];
+        synth
+            .read_expert(3, 7, Projection::Down, &mut down)
+            .unwrap();
+        let down = Dtype::BF16.to_f32(&down);
+        assert!(down[..r * cols].iter().all(|&v| v == 0.0));
+        let embed = f32s("model.embed_tokens.weight");
+        for row in embed.chunks_exact(spec.hidden_size).take(100) {
+            assert_eq!(row[0], half::bf16::from_f32(route::BIAS_VALUE).to_f32());
+        }
+        let router = f32s("model.layers.1.mlp.gate.weight");
+        for row in router.chunks_exact(spec.hidden_size) {
+            assert!(row[r..].iter().all(|&v| v == 0.0));
+        }
     }
 }

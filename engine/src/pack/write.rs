@@ -132,18 +132,20 @@ pub fn write_pack(
     let per_batch = (BATCH_BYTES / expert_bytes.max(1)).max(1);
     let mut extents = Vec::with_capacity(experts.len());
     let mut offset = 0u64;
+    // One set of buffers for all batches: fresh ones would be page-faulted in every time.
+    let mut buffers: Vec<Vec<u8>> = Vec::new();
     for batch in experts.chunks(per_batch) {
-        let buffers: Vec<Vec<u8>> = batch
-            .par_iter()
-            .map(|&(layer, expert)| {
-                let mut buf = vec![0u8; expert_bytes];
+        buffers.resize_with(buffers.len().max(batch.len()), || vec![0u8; expert_bytes]);
+        buffers
+            .par_iter_mut()
+            .zip(batch)
+            .try_for_each(|(buf, &(layer, expert))| {
                 for (k, proj) in Projection::ALL.into_iter().enumerate() {
                     let part = &mut buf[k * proj_bytes..(k + 1) * proj_bytes];
                     source.read_expert(layer, expert, proj, part)?;
                 }
-                Ok(buf)
-            })
-            .collect::<Result<_, PackError>>()?;
+                Ok::<(), PackError>(())
+            })?;
         for (&(layer, expert), buf) in batch.iter().zip(&buffers) {
             let start = align_up(offset);
             if start > offset {
@@ -166,7 +168,7 @@ pub fn write_pack(
                 down: proj(2, Projection::Down),
             });
         }
-        done += (buffers.len() * expert_bytes) as u64;
+        done += (batch.len() * expert_bytes) as u64;
         progress(Progress { done, total });
     }
     // Pad the file to a whole block so the last extent can be read with O_DIRECT.
