@@ -3,8 +3,8 @@
 //! Memory stays bounded: dense tensors go through one at a time, experts in batches of at most
 //! [`BATCH_BYTES`], read (or generated) in parallel and written in order.
 
-use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -17,6 +17,7 @@ use crate::pack::manifest::{
 use crate::pack::names::projection_shape;
 use crate::safetensors_io::SafetensorsWriter;
 use crate::spec::ModelSpec;
+use tileflow_spdk::AlignedBuf;
 
 /// Upper bound on the expert bytes held in memory at once while packing.
 pub const BATCH_BYTES: usize = 256 << 20;
@@ -121,59 +122,85 @@ pub fn write_pack(
     }
     writer.finish()?;
 
-    // Experts: batches read in parallel, written in order, each extent 4096-aligned.
+    // Experts: each extent 4096-aligned and padded to whole blocks, so experts.tiles is written
+    // with O_DIRECT (where the file system allows it) from aligned buffers. Two batches are in
+    // flight: one is read or generated in parallel while the other is checksummed and written.
     let experts_path = dir.join(EXPERTS_FILE);
     let werr = |source| PackError::Write {
         path: experts_path.display().to_string(),
         source,
     };
-    let file = File::create(&experts_path).map_err(werr)?;
-    let mut out = BufWriter::with_capacity(8 << 20, file);
-    let per_batch = (BATCH_BYTES / expert_bytes.max(1)).max(1);
-    let mut extents = Vec::with_capacity(experts.len());
-    let mut offset = 0u64;
-    // One set of buffers for all batches: fresh ones would be page-faulted in every time.
-    let mut buffers: Vec<Vec<u8>> = Vec::new();
-    for batch in experts.chunks(per_batch) {
-        buffers.resize_with(buffers.len().max(batch.len()), || vec![0u8; expert_bytes]);
-        buffers
-            .par_iter_mut()
+    let file = open_direct(&experts_path).map_err(werr)?;
+    let padded = align_up(expert_bytes as u64) as usize;
+    let per_batch = (BATCH_BYTES / 2 / padded.max(1)).max(1);
+    let batches: Vec<&[(usize, usize)]> = experts.chunks(per_batch).collect();
+    let alloc = |n: usize| {
+        AlignedBuf::new((n * padded).max(1)).map_err(|e| PackError::Other {
+            what: format!("cannot allocate {} bytes of expert buffers", n * padded),
+            source: Box::new(e),
+        })
+    };
+    let first = batches.first().map_or(0, |b| b.len());
+    let (mut current, mut next) = (alloc(first)?, alloc(first)?);
+    let fill = |buf: &mut AlignedBuf, batch: &[(usize, usize)]| -> Result<(), PackError> {
+        buf.par_chunks_mut(padded)
             .zip(batch)
-            .try_for_each(|(buf, &(layer, expert))| {
+            .try_for_each(|(slot, &(layer, expert))| {
                 for (k, proj) in Projection::ALL.into_iter().enumerate() {
-                    let part = &mut buf[k * proj_bytes..(k + 1) * proj_bytes];
-                    source.read_expert(layer, expert, proj, part)?;
+                    source.read_expert(
+                        layer,
+                        expert,
+                        proj,
+                        &mut slot[k * proj_bytes..(k + 1) * proj_bytes],
+                    )?;
                 }
-                Ok::<(), PackError>(())
-            })?;
-        for (&(layer, expert), buf) in batch.iter().zip(&buffers) {
-            let start = align_up(offset);
-            if start > offset {
-                out.seek(SeekFrom::Start(start)).map_err(werr)?;
-            }
-            out.write_all(buf).map_err(werr)?;
-            offset = start + buf.len() as u64;
-            let proj = |k: usize, p: Projection| ProjectionExtent {
-                offset: (k * proj_bytes) as u64,
-                shape: projection_shape(spec, p),
-            };
+                Ok(())
+            })
+    };
+    if let Some(b) = batches.first() {
+        fill(&mut current, b)?;
+    }
+    let mut extents = Vec::with_capacity(experts.len());
+    let proj = |k: usize, p: Projection| ProjectionExtent {
+        offset: (k * proj_bytes) as u64,
+        shape: projection_shape(spec, p),
+    };
+    let mut offset = 0u64;
+    for (n, batch) in batches.iter().enumerate() {
+        let bytes = batch.len() * padded;
+        let (written, filled) = rayon::join(
+            || -> Result<Vec<String>, std::io::Error> {
+                file.write_all_at(&current[..bytes], offset)?;
+                Ok(current[..bytes]
+                    .chunks(padded)
+                    .map(|slot| xxh3_hex(&slot[..expert_bytes]))
+                    .collect())
+            },
+            || match batches.get(n + 1) {
+                Some(b) => fill(&mut next, b),
+                None => Ok(()),
+            },
+        );
+        let digests = written.map_err(werr)?;
+        filled?;
+        for (k, (&(layer, expert), xxh3)) in batch.iter().zip(digests).enumerate() {
             extents.push(ExpertExtent {
                 layer,
                 expert,
-                offset: start,
-                bytes: buf.len() as u64,
-                xxh3: xxh3_hex(buf),
+                offset: offset + (k * padded) as u64,
+                bytes: expert_bytes as u64,
+                xxh3,
                 gate: proj(0, Projection::Gate),
                 up: proj(1, Projection::Up),
                 down: proj(2, Projection::Down),
             });
         }
+        offset += bytes as u64;
         done += (batch.len() * expert_bytes) as u64;
         progress(Progress { done, total });
+        std::mem::swap(&mut current, &mut next);
     }
-    // Pad the file to a whole block so the last extent can be read with O_DIRECT.
-    let file_bytes = align_up(offset);
-    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+    let file_bytes = offset;
     file.set_len(file_bytes).map_err(werr)?;
 
     source.write_aux_files(dir)?;
@@ -200,4 +227,29 @@ pub fn write_pack(
         source,
     })?;
     Ok(manifest)
+}
+
+/// Creates `path` for writing with O_DIRECT (no page-cache copy: the pack is written at the
+/// disk's speed), or plainly where the file system refuses O_DIRECT (tmpfs, some overlays).
+fn open_direct(path: &Path) -> std::io::Result<File> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    let direct = match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return open(0),
+        other => other?,
+    };
+    // Some file systems accept the flag and refuse the writes: probe with one aligned block
+    // (the first batch overwrites it).
+    let probe = AlignedBuf::new(4096).map_err(|e| std::io::Error::other(e.to_string()))?;
+    match direct.write_all_at(&probe, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
+        Err(e) => Err(e),
+        Ok(()) => Ok(direct),
+    }
 }
