@@ -194,6 +194,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/health", get(native::health))
         .route("/metrics", get(native::metrics))
         .fallback(native::not_found)
+        .method_not_allowed_fallback(native::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -203,5 +204,6 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(native::metrics))
         .fallback(native::not_found)
+        .method_not_allowed_fallback(native::method_not_allowed)
         .with_state(state)
 }
