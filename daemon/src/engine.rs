@@ -249,6 +249,7 @@ impl EngineThread {
                 }
                 next = self.rx.try_recv().ok();
             }
+            let mut resident = 0;
             for (sched, last) in self.models.values_mut() {
                 if !sched.is_idle() {
                     let report = sched.step();
@@ -260,10 +261,12 @@ impl EngineThread {
                         .inc_by(report.prefill_tokens as u64);
                 }
                 let stats = sched.runner().experts().stats();
-                self.metrics
-                    .record_cache(last, &stats, sched.runner().experts().resident_bytes());
+                self.metrics.record_cache(last, &stats);
                 *last = stats;
+                resident += sched.runner().experts().resident_bytes();
             }
+            // One gauge for the tier: the sum over models (not the last model's value).
+            self.metrics.set_resident_bytes(resident);
             let (waiting, running) = self
                 .models
                 .values()

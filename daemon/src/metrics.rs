@@ -170,10 +170,10 @@ impl Metrics {
             "Routed-expert lookups by tier and result",
             m.cache_lookups.clone(),
         );
-        r.register_with_unit(
+        // Named in full: with a unit the encoder would write `tile_bytes_read_bytes_total`.
+        r.register(
             "tile_bytes_read",
             "Routed-expert bytes read from storage",
-            prometheus_client::registry::Unit::Bytes,
             m.bytes_read.clone(),
         );
         r.register_with_unit(
@@ -193,8 +193,8 @@ impl Metrics {
         out
     }
 
-    /// Adds the expert cache's progress since `last`.
-    pub fn record_cache(&self, last: &TierStats, now: &TierStats, resident_bytes: u64) {
+    /// Adds one model's expert cache progress since `last`.
+    pub fn record_cache(&self, last: &TierStats, now: &TierStats) {
         let lookup = |result| LookupLabels {
             tier: Tier::host,
             result,
@@ -210,6 +210,10 @@ impl Metrics {
                 source: "pread".into(),
             })
             .inc_by(now.bytes_read.saturating_sub(last.bytes_read));
+    }
+
+    /// Sets the bytes of routed experts resident in the host tier, summed over the models.
+    pub fn set_resident_bytes(&self, resident_bytes: u64) {
         self.resident_bytes
             .get_or_create(&TierLabels { tier: Tier::host })
             .set(i64::try_from(resident_bytes).unwrap_or(i64::MAX));

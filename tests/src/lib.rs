@@ -1,8 +1,18 @@
 //! Helpers for the end-to-end tests, which start the real binaries.
 
+mod daemon;
+mod golden;
+mod uds_http;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+pub use daemon::{parse_metrics, Daemon, DaemonBuilder, START_TIMEOUT, STOP_TIMEOUT};
+pub use golden::{golden, golden_cases, token_id, Continuation, GoldenCase, LOGPROB_TOLERANCE};
+pub use uds_http::{
+    parse_response, ChunkedReader, HttpResponse, SseEvent, SseStream, UdsClient, READ_TIMEOUT,
+};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

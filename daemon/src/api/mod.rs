@@ -229,6 +229,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(native::health))
         .route("/metrics", get(native::metrics))
         .fallback(native::not_found)
+        .method_not_allowed_fallback(native::method_not_allowed)
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -238,5 +239,6 @@ pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(native::metrics))
         .fallback(native::not_found)
+        .method_not_allowed_fallback(native::method_not_allowed)
         .with_state(state)
 }

@@ -264,6 +264,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// A route that exists, asked with a method it does not serve (an error object, not an empty 405).
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        kind: "invalid_request_error",
+        code: Some("method_not_allowed"),
+        message: format!("{} does not accept {method}", uri.path()),
+    }
+}
+
 /// Any other route.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route {}", uri.path()))

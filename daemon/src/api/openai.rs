@@ -225,7 +225,7 @@ async fn completions_inner(
     req: CompletionRequest,
 ) -> Result<Response, ApiError> {
     let model = state.model(&req.model)?;
-    let params = sampling(
+    let mut params = sampling(
         req.max_tokens,
         req.temperature,
         req.top_p,
@@ -236,6 +236,7 @@ async fn completions_inner(
         req.ignore_eos,
         req.n,
     )?;
+    params.stop_token_ids = req.stop_token_ids.unwrap_or_default();
     let (prompt_ids, prompt_text) = match req.prompt {
         None => return Err(ApiError::invalid("missing field `prompt`")),
         Some(Prompt::Text(t)) => {
@@ -270,10 +271,20 @@ async fn completions_inner(
         let c = collect(&mut rx, &mut guard).await?;
         let mut text = String::new();
         let mut lp = CompletionLogprobs::default();
+        // Offsets count bytes of decoded text, also when tokens are rendered as `token_id:N`.
+        let piece_len = |id: u32| {
+            model
+                .tokenizer
+                .decode(&[id], false)
+                .map(|s| s.len())
+                .unwrap_or(0)
+        };
         if let Some((ids, t)) = &echo {
             text.push_str(t);
+            let mut offset = 0;
             for &pid in ids {
-                lp.text_offset.push(lp.tokens.iter().map(String::len).sum());
+                lp.text_offset.push(offset);
+                offset += piece_len(pid);
                 lp.tokens.push(token_text(&model, pid, as_ids));
                 lp.token_logprobs.push(None);
                 lp.top_logprobs.push(None);
@@ -285,11 +296,7 @@ async fn completions_inner(
         for (i, &tid) in c.ids.iter().enumerate() {
             let piece = token_text(&model, tid, as_ids);
             lp.text_offset.push(offset);
-            offset += model
-                .tokenizer
-                .decode(&[tid], false)
-                .map(|s| s.len())
-                .unwrap_or(0);
+            offset += piece_len(tid);
             lp.tokens.push(piece);
             lp.token_logprobs.push(Some(c.logprobs[i]));
             lp.top_logprobs
@@ -377,7 +384,8 @@ async fn completions_inner(
 }
 
 /// Turns job events into SSE `data:` events: `render` maps Token/Done events to JSON chunks;
-/// a failure becomes an error object; the stream ends with `[DONE]`.
+/// a failure, or the engine dropping the job, becomes an error object; the stream always ends
+/// with `[DONE]`.
 fn sse_events(
     rx: UnboundedReceiver<JobEvent>,
     guard: RequestGuard,
@@ -433,8 +441,17 @@ fn sse_events(
                     st.done = true;
                 }
                 None => {
+                    // The engine dropped the job (model unloaded, or the drain grace ran out):
+                    // say so, and still end the stream properly.
                     st.guard.finish("error");
-                    return None;
+                    let body = ApiError::unavailable(
+                        "the request was dropped by the engine (model unloaded or daemon stopping)",
+                    )
+                    .body();
+                    st.pending
+                        .push_back(serde_json::to_string(&body).unwrap_or_default());
+                    st.pending.push_back("[DONE]".into());
+                    st.done = true;
                 }
             }
         }
