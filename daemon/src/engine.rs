@@ -231,6 +231,11 @@ impl EngineThread {
             .watchdog
             .map(|w| w / 2)
             .unwrap_or(Duration::from_secs(1));
+        // Fed from this loop (not a timer thread), so a hung step is a missed ping.
+        let mut watchdog = self
+            .options
+            .watchdog
+            .map(crate::systemd::WatchdogFeeder::with_interval);
         loop {
             let busy = self.models.values().any(|(s, _)| !s.is_idle());
             let first = if busy {
@@ -273,7 +278,9 @@ impl EngineThread {
                 .fold((0, 0), |(w, r), (s, _)| (w + s.load().0, r + s.load().1));
             self.metrics.requests_waiting.set(waiting as i64);
             self.metrics.requests_running.set(running as i64);
-            crate::systemd::notify_watchdog();
+            if let Some(feeder) = watchdog.as_mut() {
+                feeder.feed();
+            }
         }
     }
 
