@@ -6,13 +6,37 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-/// TileFlow admin CLI: manage models in the store, run generations, inspect the daemon.
+/// Where commands act, for `--help`.
+const WHERE: &str = "\
+Where commands act:
+  Through the daemon (the default): status, ps, metrics, run, and model list|show|import|load|unload|rm.
+    tilectl talks to tileflowd on --socket, else $TILEFLOW_SOCKET, else /run/tileflowd.sock.
+    If nothing answers there the command fails and says so; it never falls back to the store silently.
+  On the store directly, without the daemon: the same model commands and run, when --offline or
+    --state-dir DIR is given. The store is DIR, else $TILEFLOW_STATE_DIR, else /var/lib/tileflow as
+    root and $XDG_DATA_HOME/tileflow (~/.local/share/tileflow) otherwise. load and unload need the daemon.
+  Always local: model synth (writes into the store, or --out DIR), demo (starts its own tileflowd on a
+    temporary socket and store; --offline runs the old in-process demo), completions, man.";
+
+/// TileFlow admin CLI: manage models, run generations, inspect the daemon.
 #[derive(Debug, Parser)]
-#[command(name = "tilectl", version, about, propagate_version = true)]
+#[command(name = "tilectl", version, about, propagate_version = true, after_long_help = WHERE)]
 pub struct Cli {
-    /// State directory holding the model store (default: /var/lib/tileflow as root, else
-    /// $XDG_DATA_HOME/tileflow).
-    #[arg(long, global = true, env = "TILEFLOW_STATE_DIR", value_name = "DIR")]
+    /// Socket of tileflowd, for the commands that go through the daemon.
+    #[arg(
+        long,
+        global = true,
+        env = "TILEFLOW_SOCKET",
+        value_name = "PATH",
+        default_value = tileflow_client::DEFAULT_SOCKET
+    )]
+    pub socket: PathBuf,
+    /// Act on the model store directly instead of through the daemon (see "Where commands act"
+    /// in --help).
+    #[arg(long, global = true)]
+    pub offline: bool,
+    /// Act on the model store in DIR directly (implies --offline).
+    #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -21,14 +45,37 @@ pub struct Cli {
 /// Top-level verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Manage models in the store.
+    /// Show the daemon's version, device, uptime, store and loaded models.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the loaded models with their queue, KV cache and expert cache state.
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Summarize the daemon's metrics: requests, tokens, mean latencies, cache hit ratio.
+    Metrics {
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print the Prometheus text as the daemon serves it.
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
+    },
+    /// Manage models: through the daemon, or in the store with --offline / --state-dir.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Generate text from a stored model, offline, on the CPU backend.
+    /// Chat with a model (interactive, or lines piped on stdin), or complete --prompt; streamed
+    /// through the daemon, or offline on the CPU backend with --offline / --state-dir.
     Run(RunArgs),
-    /// Synthesize the `tiny` model (once) and generate from it: the whole path, no download.
+    /// Start a tileflowd on a temporary socket and store, synthesize and load the `tiny` model,
+    /// stream a chat completion, print the expert cache, stop the daemon.
     Demo(DemoArgs),
     /// Print shell completions.
     Completions {
@@ -47,9 +94,9 @@ pub enum Command {
 pub enum ModelCommand {
     /// Import a Hugging Face checkpoint directory as a tile pack.
     Import(ImportArgs),
-    /// Make a random-weight model of a real shape.
+    /// Make a random-weight model of a real shape (always local: into the store or --out).
     Synth(SynthArgs),
-    /// List stored models.
+    /// List stored models (through the daemon: with whether each is loaded).
     #[command(alias = "ls")]
     List {
         /// Print JSON.
@@ -64,7 +111,19 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove models.
+    /// Load models into the daemon (admin).
+    Load {
+        /// Model names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Unload models from the daemon (admin).
+    Unload {
+        /// Model names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove models (through the daemon: unloading them first).
     Rm {
         /// Model names.
         #[arg(required = true)]
@@ -106,9 +165,9 @@ pub struct SynthArgs {
 /// Sampling and cache options shared by `run` and `demo`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 32)]
-    pub max_tokens: usize,
+    /// Tokens to generate at most [default: 32; 256 per reply in an interactive chat].
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -133,7 +192,8 @@ pub struct GenerateArgs {
     /// Routed-expert slots in memory, at least 1 (default: every expert resident).
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub expert_slots: Option<usize>,
-    /// Print the result as JSON (tokens, logprobs, timings).
+    /// Print the result as JSON (offline: tokens, logprobs, timings; through the daemon: the
+    /// completion objects).
     #[arg(long)]
     pub json: bool,
 }
@@ -141,10 +201,11 @@ pub struct GenerateArgs {
 /// `tilectl run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model name in the store.
+    /// Model name.
     pub model: String,
-    /// Prompt text (repeatable: all prompts run as one batch).
-    #[arg(long, short, required_unless_present = "prompt_ids")]
+    /// Prompt text, for one shot (repeatable: the prompts run together). Without a prompt
+    /// (through the daemon): an interactive chat, one user turn per line of stdin.
+    #[arg(long, short)]
     pub prompt: Vec<String>,
     /// Prompt as comma-separated token ids (repeatable).
     #[arg(long, value_name = "IDS")]
@@ -152,6 +213,9 @@ pub struct RunArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
+    /// A system message opening the conversation (chat through the daemon).
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
     #[command(flatten)]
     pub generate: GenerateArgs,
 }
@@ -166,6 +230,10 @@ pub struct DemoArgs {
         default_value = "The tile streams from disk to the GPU and"
     )]
     pub prompt: String,
+    /// The tileflowd binary [default: the one beside tilectl, built first when tilectl runs
+    /// under `cargo run`].
+    #[arg(long, value_name = "PATH")]
+    pub tileflowd: Option<PathBuf>,
     #[command(flatten)]
     pub generate: GenerateArgs,
 }
@@ -207,6 +275,14 @@ mod tests {
     #[test]
     fn the_command_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn state_dir_and_offline_are_global() {
+        let cli = Cli::try_parse_from(["tilectl", "model", "list", "--state-dir", "/s"]).unwrap();
+        assert_eq!(cli.state_dir.as_deref(), Some(Path::new("/s")));
+        let cli = Cli::try_parse_from(["tilectl", "run", "m", "--offline", "-p", "x"]).unwrap();
+        assert!(cli.offline);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `tilectl run` and `tilectl demo`: offline generation on the CPU backend.
+//! `tilectl --offline run` and `tilectl --offline demo`: generation in-process on the CPU
+//! backend, straight from the store.
 
 use std::io::Write;
 use std::path::Path;
@@ -23,7 +24,7 @@ fn params(g: &GenerateArgs) -> SamplingParams {
         top_k: g.top_k,
         top_p: g.top_p,
         seed: g.seed,
-        max_tokens: u32::try_from(g.max_tokens).unwrap_or(u32::MAX),
+        max_tokens: u32::try_from(g.max_tokens.unwrap_or(32)).unwrap_or(u32::MAX),
         stop: g.stop.clone(),
         stop_token_ids: Vec::new(),
         logprobs: g.logprobs,
@@ -129,6 +130,15 @@ fn open(
 
 /// `tilectl run MODEL --prompt TEXT…`.
 pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
+    if args.prompt.is_empty() && args.prompt_ids.is_empty() {
+        bail!(
+            "--prompt or --prompt-ids is required offline (the interactive chat goes through \
+             the daemon: drop --offline / --state-dir)"
+        );
+    }
+    if args.system.is_some() {
+        bail!("--system is for chats through the daemon");
+    }
     let (model, tokenizer) = open(state_dir, &args.model, &args.generate)?;
     let mut prompts = Vec::new();
     for text in &args.prompt {
@@ -142,9 +152,6 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     }
     for ids in &args.prompt_ids {
         prompts.push(parse_ids(ids)?);
-    }
-    if prompts.is_empty() {
-        bail!("give --prompt or --prompt-ids");
     }
     generate_and_print(model, &tokenizer, prompts, &args.generate)
 }
