@@ -44,30 +44,9 @@ pub enum Refusal {
     Gone,
 }
 
-/// One model's state as the engine reports it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ModelStatus {
-    /// Name.
-    pub name: String,
-    /// Requests waiting.
-    pub waiting: usize,
-    /// Requests running.
-    pub running: usize,
-    /// Free KV blocks.
-    pub kv_free_blocks: usize,
-    /// KV blocks in all.
-    pub kv_blocks: usize,
-    /// Expert slots.
-    pub expert_slots: usize,
-    /// Expert cache counters.
-    pub expert_hits: u64,
-    /// Misses.
-    pub expert_misses: u64,
-    /// Evictions.
-    pub expert_evictions: u64,
-    /// Bytes read from storage.
-    pub expert_bytes_read: u64,
-}
+/// One model's state as the engine reports it: the API type of `/api/status`, shared with
+/// the client.
+pub use tileflow_client::native::ModelStatus;
 
 enum Command {
     Submit {
