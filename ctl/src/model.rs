@@ -4,7 +4,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use serde_json::json;
 use tileflow_engine::pack::import::CheckpointSource;
 use tileflow_engine::pack::write::{write_pack, PackSource, Progress};
 use tileflow_engine::store::{Store, StoredModel};
@@ -99,20 +98,7 @@ pub fn synth(state_dir: &Path, args: SynthArgs) -> anyhow::Result<()> {
 }
 
 fn summary(m: &StoredModel) -> serde_json::Value {
-    let spec = &m.manifest.spec;
-    let expert_bytes: u64 = m.manifest.experts.iter().map(|x| x.bytes).sum();
-    json!({
-        "name": m.name,
-        "family": spec.family.model_type(),
-        "layers": spec.num_layers(),
-        "experts_per_layer": spec.moe.num_experts,
-        "experts_per_token": spec.moe.top_k,
-        "expert_dtype": m.manifest.expert_dtype,
-        "expert_bytes": expert_bytes,
-        "disk_bytes": m.disk_bytes,
-        "source": m.manifest.source,
-        "path": m.dir,
-    })
+    m.summary_json()
 }
 
 /// `tilectl model list [--json]`.

@@ -325,16 +325,7 @@ impl EngineThread {
 
     fn load(&mut self, name: &str) -> Result<ModelInfo, String> {
         let store = Store::new(&self.options.state_dir);
-        let chain = |e: &dyn std::error::Error| {
-            let mut m = e.to_string();
-            let mut s = e.source();
-            while let Some(x) = s {
-                m.push_str(": ");
-                m.push_str(&x.to_string());
-                s = x.source();
-            }
-            m
-        };
+        let chain = |e: &dyn std::error::Error| tileflow_engine::error_chain(e);
         if let Some((s, _)) = self.models.get(name) {
             let created = created_of(&store, name);
             return Ok(ModelInfo {

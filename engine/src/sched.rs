@@ -495,13 +495,7 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
 
     /// Fails every job of a failed step.
     fn fail_planned(&mut self, plan: &[(usize, usize, usize, bool)], e: &EngineError) -> usize {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
+        let message = crate::error_chain(e);
         let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
         idx.sort_unstable_by(|a, b| b.cmp(a));
         idx.dedup();

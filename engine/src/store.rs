@@ -102,6 +102,25 @@ pub struct StoredModel {
     pub disk_bytes: u64,
 }
 
+impl StoredModel {
+    /// The summary `tilectl model list --json` and `GET /api/models` show.
+    pub fn summary_json(&self) -> serde_json::Value {
+        let spec = &self.manifest.spec;
+        serde_json::json!({
+            "name": self.name,
+            "family": spec.family.model_type(),
+            "layers": spec.num_layers(),
+            "experts_per_layer": spec.moe.num_experts,
+            "experts_per_token": spec.moe.top_k,
+            "expert_dtype": self.manifest.expert_dtype,
+            "expert_bytes": self.manifest.experts.iter().map(|x| x.bytes).sum::<u64>(),
+            "disk_bytes": self.disk_bytes,
+            "source": self.manifest.source,
+            "path": self.dir,
+        })
+    }
+}
+
 impl Store {
     /// The store under `state_dir` (created on first write).
     pub fn new(state_dir: &Path) -> Store {

@@ -45,19 +45,9 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 fn summary(m: &StoredModel, loaded: bool) -> Value {
-    let spec = &m.manifest.spec;
-    json!({
-        "name": m.name,
-        "family": spec.family.model_type(),
-        "layers": spec.num_layers(),
-        "experts_per_layer": spec.moe.num_experts,
-        "experts_per_token": spec.moe.top_k,
-        "expert_dtype": m.manifest.expert_dtype,
-        "expert_bytes": m.manifest.experts.iter().map(|x| x.bytes).sum::<u64>(),
-        "disk_bytes": m.disk_bytes,
-        "source": m.manifest.source,
-        "loaded": loaded,
-    })
+    let mut v = m.summary_json();
+    v["loaded"] = Value::Bool(loaded);
+    v
 }
 
 /// `GET /api/models`: every model in the store.
@@ -170,16 +160,7 @@ pub async fn import_model(
     tokio::task::spawn_blocking(move || {
         let line = |v: Value| format!("{v}\n");
         let result = (|| -> Result<(), String> {
-            let chain = |e: &dyn std::error::Error| {
-                let mut m = e.to_string();
-                let mut s = e.source();
-                while let Some(x) = s {
-                    m.push_str(": ");
-                    m.push_str(&x.to_string());
-                    s = x.source();
-                }
-                m
-            };
+            let chain = |e: &dyn std::error::Error| tileflow_engine::error_chain(e);
             let source = CheckpointSource::open(&req.path).map_err(|e| chain(&e))?;
             let txn = store.begin(&name).map_err(|e| chain(&e))?;
             let progress = |p: Progress| {

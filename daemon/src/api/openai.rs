@@ -213,16 +213,6 @@ async fn submit(
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     JsonBody(req): JsonBody<CompletionRequest>,
-) -> Response {
-    match completions_inner(state, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(
-    state: Arc<AppState>,
-    req: CompletionRequest,
 ) -> Result<Response, ApiError> {
     let model = state.model(&req.model)?;
     let mut params = sampling(
@@ -462,16 +452,6 @@ fn sse_events(
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     JsonBody(req): JsonBody<ChatCompletionRequest>,
-) -> Response {
-    match chat_inner(state, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(
-    state: Arc<AppState>,
-    req: ChatCompletionRequest,
 ) -> Result<Response, ApiError> {
     let model = state.model(&req.model)?;
     if req.messages.is_empty() {
