@@ -89,8 +89,8 @@ fn generate_and_print(
             "model": name,
             "choices": choices,
             "timing": timing,
-            "expert_cache": {"slots": runner.experts().capacity(), "hits": stats.hits,
-                             "misses": stats.misses, "evictions": stats.evictions, "bytes_read": stats.bytes_read},
+            "expert_cache": {"slots": runner.experts().capacity(), "hits": stats.device.hits,
+                             "misses": stats.device.misses, "evictions": stats.device_evictions, "bytes_read": stats.bytes_read},
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {
@@ -119,10 +119,8 @@ fn open(
     g: &GenerateArgs,
 ) -> anyhow::Result<(LoadedModel, TextTokenizer)> {
     let store = Store::new(state_dir);
-    let options = LoadOptions {
-        expert_slots: g.expert_slots,
-        ..LoadOptions::default()
-    };
+    let mut options = LoadOptions::default();
+    options.tier.device_slots = g.expert_slots;
     let model = LoadedModel::open(&store, name, &options)?;
     let tokenizer = TextTokenizer::from_dir(&model.dir)?;
     Ok((model, tokenizer))

@@ -301,9 +301,9 @@ impl EngineThread {
                             kv_free_blocks: kv.free_blocks(),
                             kv_blocks: kv.layout().num_blocks,
                             expert_slots: cache.capacity(),
-                            expert_hits: st.hits,
-                            expert_misses: st.misses,
-                            expert_evictions: st.evictions,
+                            expert_hits: st.device.hits,
+                            expert_misses: st.device.misses,
+                            expert_evictions: st.device_evictions,
                             expert_bytes_read: st.bytes_read,
                         }
                     })

@@ -201,10 +201,10 @@ impl Metrics {
         };
         self.cache_lookups
             .get_or_create(&lookup(LookupResult::hit))
-            .inc_by(now.hits.saturating_sub(last.hits));
+            .inc_by(now.device.hits.saturating_sub(last.device.hits));
         self.cache_lookups
             .get_or_create(&lookup(LookupResult::miss))
-            .inc_by(now.misses.saturating_sub(last.misses));
+            .inc_by(now.device.misses.saturating_sub(last.device.misses));
         self.bytes_read
             .get_or_create(&SourceLabels {
                 source: "pread".into(),

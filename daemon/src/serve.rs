@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tileflow_engine::model::LoadOptions;
 use tileflow_engine::store::Store;
+use tileflow_engine::tier::TierConfig;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -23,8 +24,11 @@ pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// How models are opened under `config`.
 fn load_options(config: &Config) -> LoadOptions {
     LoadOptions {
-        expert_slots: (config.cache.expert_slots > 0).then_some(config.cache.expert_slots),
-        verify: config.cache.verify.into(),
+        tier: TierConfig {
+            device_slots: (config.cache.expert_slots > 0).then_some(config.cache.expert_slots),
+            verify: config.cache.verify.into(),
+            ..TierConfig::default()
+        },
         kv: config.scheduler.kv_cache(),
         threads: (config.engine.threads > 0).then_some(config.engine.threads),
     }

@@ -11,7 +11,7 @@ use crate::forward::{EngineError, KvCacheConfig, ModelRunner};
 use crate::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
 use crate::safetensors_io::{Checkpoint, SafetensorsError};
 use crate::store::{Store, StoreError};
-use crate::tier::{ExpertCache, Verify};
+use crate::tier::{ExpertCache, TierConfig};
 use crate::weights::{DenseWeights, TensorLoader, WeightsError};
 
 /// Why a model could not be opened.
@@ -91,28 +91,16 @@ pub enum LoadError {
 }
 
 /// How to open a model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Routed-expert slots (default: every expert of the model).
-    pub expert_slots: Option<usize>,
-    /// When to verify expert checksums.
-    pub verify: Verify,
+    /// Expert tier sizes, policy, storage backend and prefetch pacing.
+    pub tier: TierConfig,
     /// KV cache size.
     pub kv: KvCacheConfig,
     /// CPU threads (default: rayon's).
     pub threads: Option<usize>,
 }
 
-impl Default for LoadOptions {
-    fn default() -> LoadOptions {
-        LoadOptions {
-            expert_slots: None,
-            verify: Verify::First,
-            kv: KvCacheConfig::default(),
-            threads: None,
-        }
-    }
-}
 
 /// A model opened from the store.
 #[derive(Debug)]
@@ -251,10 +239,16 @@ impl LoadedModel {
             });
         }
         let slots = options
-            .expert_slots
+            .tier
+            .device_slots
             .unwrap_or(manifest.experts.len())
             .max(1);
-        let cache = ExpertCache::new(manifest.clone(), Box::new(source), slots, options.verify);
+        let cache = ExpertCache::new(
+            manifest.clone(),
+            Box::new(source),
+            slots,
+            options.tier.verify,
+        );
         let backend = match options.threads {
             Some(n) => CpuBackend::with_threads(n),
             None => CpuBackend::new(),

@@ -70,6 +70,12 @@ impl AlignedBuf {
     pub fn capacity(&self) -> usize {
         self.layout.size()
     }
+
+    /// The allocation's start as a raw pointer, valid for [`AlignedBuf::capacity`] bytes while
+    /// the buffer lives; for DMA memory owners that hand out disjoint pieces of it.
+    pub fn as_raw_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
 }
 
 impl Deref for AlignedBuf {

@@ -1,11 +1,33 @@
 //! Block storage: the tile read interface and its backends.
 //!
-//! The engine's tier cache reads expert extents through [`TileSource`]. This first version has the
-//! portable `pread` backend ([`FileSource`]); io_uring, SPDK and cuFile backends come later behind
-//! the same trait. [`AlignedBuf`] is the 4 KiB-aligned buffer those backends DMA into.
+//! The engine's tiers read expert extents through a [`ReadQueue`]: reads of (file, offset, length)
+//! into [`DmaBuf`]s carved from pre-registered [`DmaArena`]s, completed on a storage thread by the
+//! io_uring backend (`O_DIRECT`, fixed buffers) or the pread thread pool. [`TileSource`] is the
+//! simple synchronous interface kept for import and tools; [`AlignedBuf`] the aligned heap buffer.
 
 mod aligned;
+pub mod direct;
+mod dma;
+mod pread;
+mod queue;
 mod source;
+mod uring;
 
 pub use aligned::{AlignedBuf, AlignedBufError, DMA_ALIGN};
+pub use dma::{DmaArena, DmaBuf, DmaError, DmaMemory, LockedBuf};
+pub use queue::{
+    BackendChoice, IoBackend, IoConfig, Priority, ReadCompletion, ReadQueue, ReadRequest,
+};
 pub use source::{FileSource, StorageError, TileSource};
+
+/// `err` and its sources, joined by ": ", for log lines.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

@@ -49,6 +49,33 @@ pub enum StorageError {
         /// The file's length.
         file_len: u64,
     },
+    /// A read request that no backend could run as given (a caller bug, named in `reason`).
+    #[error("cannot read {len} bytes at offset {offset} of {}: {reason}", path.display())]
+    BadRequest {
+        /// The file (empty when the file index itself was wrong).
+        path: PathBuf,
+        /// Where the read started.
+        offset: u64,
+        /// How many bytes were asked for.
+        len: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The storage thread is gone (it panicked or the queue is shutting down).
+    #[error("the storage thread reading {} has stopped", path.display())]
+    QueueClosed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A storage backend could not be started.
+    #[error("cannot start the {backend} storage backend")]
+    Setup {
+        /// Backend name.
+        backend: &'static str,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
     /// The OS reported an I/O error during a read.
     #[error("reading {len} bytes at offset {offset} of {} failed", path.display())]
     Read {

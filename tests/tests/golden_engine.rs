@@ -158,10 +158,8 @@ fn cpu_engine_matches_transformers_alone_batched_and_streaming() {
         // The minimal slot budget (one layer's top-k) streams experts from experts.tiles and
         // must give bit-identical results.
         let top_k = all.manifest.spec.moe.top_k;
-        let options = LoadOptions {
-            expert_slots: Some(top_k),
-            ..LoadOptions::default()
-        };
+        let mut options = LoadOptions::default();
+        options.tier.device_slots = Some(top_k);
         let mut small = LoadedModel::open(&store, family, &options).unwrap();
         for (p, want) in prompts.iter().zip(&alone) {
             let got = greedy_batch(&mut small, std::slice::from_ref(p), steps).remove(0);
@@ -172,7 +170,7 @@ fn cpu_engine_matches_transformers_alone_batched_and_streaming() {
         }
         let stats = small.runner.experts().stats();
         assert!(
-            stats.evictions > 0,
+            stats.device_evictions > 0,
             "{family}: the small budget never evicted: {stats:?}"
         );
         eprintln!("{family}: max |Δlogprob| {worst:.2e}; streaming run {stats:?}");

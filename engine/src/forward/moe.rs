@@ -30,6 +30,14 @@ pub trait ExpertProvider {
 
     /// The weights of an expert prepared for the current layer.
     fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError>;
+
+    /// A hint that the listed experts of `layer` will probably be asked for soon (the
+    /// prefetcher's prediction, most likely first). A caching provider starts background
+    /// fetches for those not resident, paced so that demand reads go first. Never fails: a hint
+    /// that cannot be followed is dropped.
+    fn prefetch(&mut self, layer: usize, experts: &[usize]) {
+        let _ = (layer, experts);
+    }
 }
 
 /// One expert's extent held in memory.

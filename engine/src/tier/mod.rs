@@ -12,6 +12,10 @@ use tileflow_spdk::{AlignedBuf, StorageError, TileSource};
 use crate::dtype::Dtype;
 use crate::pack::manifest::{xxh3_hex, ExpertExtent, Manifest};
 
+mod config;
+
+pub use config::{EvictionPolicy, Lookups, PrefetchCounts, TierConfig, TierStats};
+
 /// When expert checksums are verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verify {
@@ -80,19 +84,6 @@ pub enum TierError {
     },
 }
 
-/// Counters of cache behaviour (for tests, logs and, later, metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TierStats {
-    /// Lookups answered from a slot.
-    pub hits: u64,
-    /// Lookups that read storage.
-    pub misses: u64,
-    /// Experts evicted to make room.
-    pub evictions: u64,
-    /// Bytes read from storage.
-    pub bytes_read: u64,
-}
-
 #[derive(Debug)]
 struct Slot {
     key: (usize, usize),
@@ -145,7 +136,10 @@ impl ExpertCache {
             index: HashMap::new(),
             verified: vec![false; n],
             clock: 0,
-            stats: TierStats::default(),
+            stats: TierStats {
+                source: "pread",
+                ..TierStats::default()
+            },
         }
     }
 
@@ -156,7 +150,10 @@ impl ExpertCache {
 
     /// Counters so far.
     pub fn stats(&self) -> TierStats {
-        self.stats
+        let mut s = self.stats.clone();
+        s.device_resident_bytes = self.resident_bytes();
+        s.device_resident_experts = self.index.len();
+        s
     }
 
     /// Makes (layer, expert) resident, reading it if needed, and returns its bytes.
@@ -165,11 +162,11 @@ impl ExpertCache {
         let key = (layer, expert);
         let slot = match self.index.get(&key) {
             Some(&slot) => {
-                self.stats.hits += 1;
+                self.stats.device.hits += 1;
                 slot
             }
             None => {
-                self.stats.misses += 1;
+                self.stats.device.misses += 1;
                 self.fill(key)?
             }
         };
@@ -216,7 +213,7 @@ impl ExpertCache {
                 .min_by_key(|&i| self.slots[i].last_used)
                 .unwrap_or(0);
             self.index.remove(&self.slots[victim].key);
-            self.stats.evictions += 1;
+            self.stats.device_evictions += 1;
             if self.slots[victim].buf.len() < len {
                 self.slots[victim].buf =
                     AlignedBuf::new(len).map_err(|_| TierError::Alloc { bytes: len })?;
