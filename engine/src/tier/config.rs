@@ -49,6 +49,9 @@ pub struct TierConfig {
     pub io: IoConfig,
     /// Experts kept resident in the device tier from load on, never evicted: (layer, expert).
     pub pinned: Vec<(usize, usize)>,
+    /// MoE layers ahead whose experts the prefetcher predicts after each router (router
+    /// look-ahead); 0 turns prefetch off.
+    pub prefetch_depth: usize,
     /// Prefetch pacing: the token bucket refills at this many bytes per second (0: no rate
     /// limit, only the in-flight cap). Demand reads never wait for the bucket.
     pub prefetch_rate_bytes: u64,
@@ -67,6 +70,7 @@ impl Default for TierConfig {
             tile_size: 1 << 20,
             io: IoConfig::default(),
             pinned: Vec::new(),
+            prefetch_depth: 1,
             prefetch_rate_bytes: 0,
             prefetch_burst_bytes: 256 << 20,
         }
