@@ -101,7 +101,6 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
 }
 
-
 /// A model opened from the store.
 #[derive(Debug)]
 pub struct LoadedModel {
@@ -269,9 +268,10 @@ impl LoadedModel {
         }
         let runner = ModelRunner::new(manifest.spec.clone(), backend, weights, cache, options.kv)
             .map_err(|source| LoadError::Engine {
-            model: name.to_string(),
-            source,
-        })?;
+                model: name.to_string(),
+                source,
+            })?
+            .with_prefetch_depth(options.tier.prefetch_depth);
         Ok(LoadedModel {
             name: name.to_string(),
             dir: stored.dir,

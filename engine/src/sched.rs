@@ -417,55 +417,76 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
 
     /// Runs one forward step over the batch: every decoding job gets one token, prefills share
     /// the prompt budget in arrival order.
+    ///
+    /// When a routed expert fails, only the jobs whose tokens were routed to it fail; the
+    /// step runs again for the others (each retry has at least one job fewer, so it ends).
     pub fn step(&mut self) -> StepReport {
         let mut report = StepReport {
             ended: self.expire(Instant::now()),
             ..StepReport::default()
         };
         report.ended += self.admit();
-        if self.running.is_empty() {
-            return report;
+        while !self.running.is_empty() {
+            let (plan, prefill_tokens) = self.plan();
+            report.prefill_tokens = prefill_tokens;
+            report.sequences = plan.len();
+            let chunks: Vec<SeqChunk> = plan
+                .iter()
+                .map(|&(i, start, end, logits)| {
+                    let job = &self.running[i];
+                    let mut c = SeqChunk::new(job.id, &job.tokens[start..end], start);
+                    if !logits {
+                        c.logits = LogitRows::None;
+                    }
+                    c
+                })
+                .collect();
+            let result = self.runner.step(&chunks);
+            drop(chunks);
+            match result {
+                Ok(logits) => {
+                    self.emit_step(&plan, &logits, &mut report);
+                    break;
+                }
+                Err(e) => {
+                    let (ended, retry) = self.fail_planned(&plan, &e);
+                    report.ended += ended;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
         }
-        // (job index, start, end, wants logits)
-        let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new();
+        report
+    }
+
+    /// The step's chunks as (job index, start, end, wants logits), by job index, and the
+    /// prompt tokens they prefill.
+    fn plan(&self) -> (Vec<Planned>, usize) {
+        let mut plan: Vec<Planned> = Vec::new();
         for (i, job) in self.running.iter().enumerate() {
             if job.cached >= job.prompt_len {
                 plan.push((i, job.cached, job.tokens.len(), true));
             }
         }
         let mut budget = self.config.prefill_chunk.max(1);
+        let mut prefill = 0;
         for (i, job) in self.running.iter().enumerate() {
             if job.cached < job.prompt_len && budget > 0 {
                 let end = (job.cached + budget).min(job.prompt_len);
                 budget -= end - job.cached;
                 plan.push((i, job.cached, end, end == job.prompt_len));
-                report.prefill_tokens += end - job.cached;
+                prefill += end - job.cached;
             }
         }
         plan.sort_by_key(|p| p.0);
-        let chunks: Vec<SeqChunk> = plan
-            .iter()
-            .map(|&(i, start, end, logits)| {
-                let job = &self.running[i];
-                let mut c = SeqChunk::new(job.id, &job.tokens[start..end], start);
-                if !logits {
-                    c.logits = LogitRows::None;
-                }
-                c
-            })
-            .collect();
-        report.sequences = chunks.len();
-        let result = self.runner.step(&chunks);
-        drop(chunks);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                report.ended += self.fail_planned(&plan, &e);
-                return report;
-            }
-        };
+        (plan, prefill)
+    }
+
+    /// Advances the jobs of a step that ran: samples and emits their tokens, ends those done.
+    fn emit_step(&mut self, plan: &[Planned], logits: &[Vec<f32>], report: &mut StepReport) {
         let mut finished = Vec::new();
-        for (&(i, _, end, wants), row) in plan.iter().zip(&logits) {
+        for (&(i, _, end, wants), row) in plan.iter().zip(logits) {
             let job = &mut self.running[i];
             job.cached = end;
             if !wants {
@@ -490,13 +511,26 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
             self.release(&job);
             report.ended += 1;
         }
-        report
     }
 
-    /// Fails every job of a failed step.
-    fn fail_planned(&mut self, plan: &[(usize, usize, usize, bool)], e: &EngineError) -> usize {
+    /// Fails the jobs of a failed step that the failure concerns: those routed to a failed
+    /// expert when the error names them and others remain, else every job of the step.
+    /// Returns how many ended and whether the step should run again for the rest.
+    fn fail_planned(&mut self, plan: &[Planned], e: &EngineError) -> (usize, bool) {
         let message = crate::error_chain(e);
         let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        let named: Vec<usize> = match e.failed_sequences() {
+            Some(seqs) => idx
+                .iter()
+                .copied()
+                .filter(|&i| seqs.contains(&self.running[i].id))
+                .collect(),
+            None => Vec::new(),
+        };
+        let retry = !named.is_empty() && named.len() < idx.len();
+        if retry {
+            idx = named;
+        }
         idx.sort_unstable_by(|a, b| b.cmp(a));
         idx.dedup();
         for &i in &idx {
@@ -507,9 +541,12 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
             });
             self.release(&job);
         }
-        idx.len()
+        (idx.len(), retry)
     }
 }
+
+/// A chunk of a step: (job index, start, end, wants logits).
+type Planned = (usize, usize, usize, bool);
 
 /// Samples the next token of `job` from `logits`, emits it, and says whether the job is done
 /// (finished, or its client went away).

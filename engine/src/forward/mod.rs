@@ -11,125 +11,21 @@
 //! dense SwiGLU MLP; `x += mlp`. Finally `norm(x) · lm_headᵀ` (the embedding when tied).
 
 mod attention;
+mod error;
 mod moe;
+mod prefetch;
 #[cfg(test)]
 mod tests;
 
+pub use error::EngineError;
 pub use moe::{ExpertProvider, InMemoryExperts};
+pub use prefetch::{PredictionCounts, PrefetchStats};
 
-use crate::backend::{AttentionPlan, Backend, BackendError, ChunkAttention, HostMatrix};
-use crate::kv::{KvError, KvLayout, PagedKvCache, SeqId};
+use crate::backend::{AttentionPlan, Backend, ChunkAttention, HostMatrix};
+use crate::kv::{KvLayout, PagedKvCache, SeqId};
 use crate::rope::RopeTable;
 use crate::spec::ModelSpec;
-use crate::weights::{DenseWeights, MlpWeights, TensorLoader, WeightsError};
-
-/// Why a forward step (or setting one up) failed.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// A backend op failed inside a decoder layer.
-    #[error("layer {layer}: {op} failed")]
-    Layer {
-        /// The decoder layer.
-        layer: usize,
-        /// The part of the layer.
-        op: &'static str,
-        /// What the backend said.
-        #[source]
-        source: BackendError,
-    },
-    /// A backend op outside the layers failed.
-    #[error("{op} failed")]
-    Backend {
-        /// The op.
-        op: &'static str,
-        /// What the backend said.
-        #[source]
-        source: BackendError,
-    },
-    /// The KV cache refused.
-    #[error(transparent)]
-    Kv(#[from] KvError),
-    /// The dense weights could not be built or uploaded.
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    /// The runner's configuration does not fit the model.
-    #[error("invalid runner configuration: {reason}")]
-    Config {
-        /// What does not fit.
-        reason: String,
-    },
-    /// A chunk names a sequence that was never added (or was freed).
-    #[error("sequence {seq} is not known to the engine")]
-    UnknownSequence {
-        /// The sequence.
-        seq: SeqId,
-    },
-    /// A sequence appears in two chunks of one step.
-    #[error("sequence {seq} appears more than once in one step")]
-    DuplicateSequence {
-        /// The sequence.
-        seq: SeqId,
-    },
-    /// A chunk without tokens.
-    #[error("sequence {seq}: empty chunk")]
-    EmptyChunk {
-        /// The sequence.
-        seq: SeqId,
-    },
-    /// A chunk starts past the tokens the sequence has cached.
-    #[error("sequence {seq}: chunk starts at position {start_pos} but only {cached} are cached")]
-    PositionGap {
-        /// The sequence.
-        seq: SeqId,
-        /// The chunk's first position.
-        start_pos: usize,
-        /// Positions cached.
-        cached: usize,
-    },
-    /// A token id outside the vocabulary.
-    #[error("sequence {seq}: token id {token} is outside the vocabulary of {vocab}")]
-    TokenOutOfRange {
-        /// The sequence.
-        seq: SeqId,
-        /// The token id.
-        token: u32,
-        /// The vocabulary size.
-        vocab: usize,
-    },
-    /// A routed expert could not be had.
-    #[error("layer {layer} expert {expert} is unavailable: {reason}")]
-    ExpertUnavailable {
-        /// The decoder layer.
-        layer: usize,
-        /// The expert.
-        expert: usize,
-        /// Why.
-        reason: String,
-    },
-    /// Reading a routed expert failed in the storage or cache underneath.
-    #[error("layer {layer} expert {expert}: cannot read its weights")]
-    ExpertRead {
-        /// The decoder layer.
-        layer: usize,
-        /// The expert.
-        expert: usize,
-        /// The underlying failure.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
-
-impl EngineError {
-    /// Wraps a backend error of `op` in `layer`.
-    fn at(layer: usize, op: &'static str) -> impl Fn(BackendError) -> EngineError + Copy {
-        move |source| EngineError::Layer { layer, op, source }
-    }
-
-    /// Wraps a backend error of `op` outside the layers.
-    fn op(op: &'static str) -> impl Fn(BackendError) -> EngineError + Copy {
-        move |source| EngineError::Backend { op, source }
-    }
-}
+use crate::weights::{DenseWeights, MlpWeights, TensorLoader};
 
 /// Which logits a chunk wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -197,6 +93,7 @@ pub struct ModelRunner<B: Backend, P> {
     rope: RopeTable,
     kv: PagedKvCache,
     pool: B::KvPool,
+    prefetch: prefetch::Prefetcher,
 }
 
 /// The per-step layout of the batch: flattened tokens and where each chunk lies.
@@ -204,6 +101,8 @@ struct StepLayout {
     ids: Vec<u32>,
     positions: Vec<usize>,
     slots: Vec<usize>,
+    /// The sequence of each row.
+    row_seqs: Vec<SeqId>,
     /// Attention's view of the batch; each layer sets its own sliding window.
     plan: AttentionPlan,
 }
@@ -242,6 +141,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
         let weights = weights.upload(&backend)?;
         Ok(ModelRunner {
             rope: spec.rope.table(),
+            prefetch: prefetch::Prefetcher::new(spec.num_layers()),
             spec,
             backend,
             weights,
@@ -281,6 +181,34 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
     /// The expert provider, mutable (to tune or inspect a cache between steps).
     pub fn experts_mut(&mut self) -> &mut P {
         &mut self.experts
+    }
+
+    /// Sets the router look-ahead depth: after each MoE layer's router, the next `depth` MoE
+    /// layers' routers predict their experts and the provider gets [`ExpertProvider::prefetch`]
+    /// hints. 0 turns prefetching off (no extra router GEMMs, no hints, no counting).
+    pub fn set_prefetch_depth(&mut self, depth: usize) {
+        self.prefetch.set_depth(depth);
+    }
+
+    /// As [`ModelRunner::set_prefetch_depth`], by value.
+    pub fn with_prefetch_depth(mut self, depth: usize) -> Self {
+        self.set_prefetch_depth(depth);
+        self
+    }
+
+    /// The router look-ahead depth (0: off).
+    pub fn prefetch_depth(&self) -> usize {
+        self.prefetch.depth()
+    }
+
+    /// How well router look-ahead predicted the routers since load or the last reset.
+    pub fn prefetch_stats(&self) -> PrefetchStats {
+        self.prefetch.stats()
+    }
+
+    /// Zeroes [`ModelRunner::prefetch_stats`].
+    pub fn reset_prefetch_stats(&mut self) {
+        self.prefetch.reset_stats();
     }
 
     /// The KV cache's bookkeeping.
@@ -367,6 +295,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             ids: Vec::with_capacity(total),
             positions: Vec::with_capacity(total),
             slots: Vec::with_capacity(total),
+            row_seqs: Vec::with_capacity(total),
             plan: AttentionPlan {
                 num_heads: spec.num_heads,
                 num_kv_heads: spec.num_kv_heads,
@@ -384,6 +313,8 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                 blocks: self.kv.blocks(c.seq)?.to_vec(),
             });
             l.ids.extend_from_slice(c.tokens);
+            l.row_seqs
+                .extend(std::iter::repeat_n(c.seq, c.tokens.len()));
             for p in c.start_pos..c.start_pos + c.tokens.len() {
                 l.positions.push(p);
                 l.slots.push(self.kv.slot(c.seq, p)?);
@@ -401,9 +332,18 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             experts,
             rope,
             pool,
+            prefetch,
             ..
         } = self;
         let eps = spec.rms_norm_eps;
+        let moe_layers: Vec<usize> = w
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l.mlp, MlpWeights::Moe { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        prefetch.start_step(&moe_layers, experts);
         let mut x = b
             .embed(&w.embed, &step.ids)
             .map_err(EngineError::op("embed"))?;
@@ -430,16 +370,30 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                 .map_err(EngineError::at(i, "post-attention norm"))?;
             let mlp = match &lw.mlp {
                 MlpWeights::Dense(m) => moe::swiglu_mlp(b, &h2, m, i)?,
-                MlpWeights::Moe { router, shared } => moe::moe_block(
-                    b,
-                    experts,
-                    &spec.moe,
-                    i,
-                    &h2,
-                    router,
-                    shared.as_ref(),
-                    (step.ids.len(), spec.hidden_size),
-                )?,
+                MlpWeights::Moe { router, shared } => {
+                    let routing = moe::route(b, &spec.moe, i, &h2, router)?;
+                    prefetch.routed(i, &moe::chosen_experts(&routing));
+                    let next =
+                        w.layers
+                            .iter()
+                            .enumerate()
+                            .skip(i + 1)
+                            .filter_map(|(j, l)| match &l.mlp {
+                                MlpWeights::Moe { router, .. } => Some((j, router)),
+                                MlpWeights::Dense(_) => None,
+                            });
+                    prefetch.look_ahead(b, &spec.moe, &h2, next, experts);
+                    moe::moe_experts(
+                        b,
+                        experts,
+                        i,
+                        &h2,
+                        &routing,
+                        shared.as_ref(),
+                        (step.ids.len(), spec.hidden_size),
+                        &step.row_seqs,
+                    )?
+                }
             };
             let next_norm = w.layers.get(i + 1).map_or(&w.final_norm, |n| &n.input_norm);
             h = b

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::EngineError;
-use crate::backend::{Backend, ExpertRef, ExpertWork, HostMatrix};
+use crate::backend::{Backend, ExpertRef, ExpertWork, HostMatrix, Routing};
 use crate::dtype::Dtype;
+use crate::kv::SeqId;
 use crate::pack::ProjectionExtent;
 use crate::spec::MoeSpec;
 use crate::weights::{SharedExpertWeights, SwigluWeights};
@@ -154,8 +155,11 @@ pub(super) fn swiglu_mlp<B: Backend>(
     backend.linear(&a, &w.down, None).map_err(err)
 }
 
+/// One selected expert with the token rows it gets and their combine weights.
+type ExpertGroup = (usize, (Vec<usize>, Vec<f32>));
+
 /// The token rows and combine weights each selected expert gets, by ascending expert.
-fn group_by_expert(routing: &crate::backend::Routing) -> BTreeMap<usize, (Vec<usize>, Vec<f32>)> {
+fn group_by_expert(routing: &Routing) -> BTreeMap<usize, (Vec<usize>, Vec<f32>)> {
     let mut groups: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let k = routing.top_k;
     for (i, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
@@ -166,19 +170,15 @@ fn group_by_expert(routing: &crate::backend::Routing) -> BTreeMap<usize, (Vec<us
     groups
 }
 
-/// The MoE block of `layer` on the post-attention-normed `h`: router softmax and top-k,
-/// routed experts from `experts`, and the gated shared expert where there is one.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn moe_block<B: Backend, P: ExpertProvider>(
+/// Layer `layer`'s router on the post-attention-normed `h`: softmax, top-k and optional
+/// renormalisation. An expert index outside the layer is an [`EngineError::ExpertUnavailable`].
+pub(super) fn route<B: Backend>(
     backend: &B,
-    experts: &mut P,
     moe: &MoeSpec,
     layer: usize,
     h: &B::Act,
     router: &B::Weight,
-    shared: Option<&SharedExpertWeights<B::Weight>>,
-    (rows, hidden): (usize, usize),
-) -> Result<B::Act, EngineError> {
+) -> Result<Routing, EngineError> {
     let err = EngineError::at(layer, "router");
     let logits = backend.linear(h, router, None).map_err(err)?;
     let routing = backend
@@ -195,20 +195,48 @@ pub(super) fn moe_block<B: Backend, P: ExpertProvider>(
             reason: format!("the router chose it but the layer has {}", moe.num_experts),
         });
     }
-    let groups: Vec<_> = group_by_expert(&routing).into_iter().collect();
+    Ok(routing)
+}
+
+/// The experts `routing` selects for any token, ascending.
+pub(super) fn chosen_experts(routing: &Routing) -> Vec<usize> {
+    let mut chosen: Vec<usize> = routing.experts.iter().map(|&e| e as usize).collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    chosen
+}
+
+/// The rest of the MoE block of `layer` after its router: the routed experts from `experts`
+/// combined by `routing`'s weights, and the gated shared expert where there is one.
+///
+/// An expert failure becomes [`EngineError::RoutedExpert`] naming the sequences (from
+/// `row_seqs`, the sequence of each row of `h`) whose tokens were routed to that expert.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn moe_experts<B: Backend, P: ExpertProvider>(
+    backend: &B,
+    experts: &mut P,
+    layer: usize,
+    h: &B::Act,
+    routing: &Routing,
+    shared: Option<&SharedExpertWeights<B::Weight>>,
+    (rows, hidden): (usize, usize),
+    row_seqs: &[SeqId],
+) -> Result<B::Act, EngineError> {
+    let groups: Vec<_> = group_by_expert(routing).into_iter().collect();
     let err = EngineError::at(layer, "experts");
     let mut out = backend.zeros(rows, hidden).map_err(err)?;
     // Experts go in ascending order, as many at a time as the provider can hold; the sum
     // per token is the same whatever the budget.
     for batch in groups.chunks(experts.capacity().max(1)) {
+        let blame = |e: EngineError| blame(e, batch, row_seqs);
         let selected: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
-        experts.prepare(layer, &selected)?;
+        experts.prepare(layer, &selected).map_err(blame)?;
         let work = batch
             .iter()
             .map(|(expert, (rows, scales))| {
                 Ok(ExpertWork {
                     expert: *expert,
-                    weights: experts.expert(layer, *expert)?,
+                    weights: experts.expert(layer, *expert).map_err(blame)?,
                     rows: rows.clone(),
                     scales: scales.clone(),
                 })
@@ -223,4 +251,42 @@ pub(super) fn moe_block<B: Backend, P: ExpertProvider>(
         backend.add_gated(&mut out, &y, &g).map_err(err)?;
     }
     Ok(out)
+}
+
+/// Wraps an expert failure in [`EngineError::RoutedExpert`] with the sequences routed to the
+/// failed expert (to every expert of `batch` when the error names none of them). Other
+/// errors concern the whole step and pass unchanged.
+fn blame(e: EngineError, batch: &[ExpertGroup], row_seqs: &[SeqId]) -> EngineError {
+    let Some((_, expert)) = e.expert() else {
+        return e;
+    };
+    if matches!(e, EngineError::RoutedExpert { .. }) {
+        return e;
+    }
+    let rows: Vec<usize> = match batch.iter().find(|(x, _)| *x == expert) {
+        Some((_, (rows, _))) => rows.clone(),
+        None => batch
+            .iter()
+            .flat_map(|(_, (rows, _))| rows.clone())
+            .collect(),
+    };
+    routed_expert_error(e, &rows, row_seqs)
+}
+
+/// [`EngineError::RoutedExpert`] over `e` for the sequences of `rows`.
+pub(super) fn routed_expert_error(
+    e: EngineError,
+    rows: &[usize],
+    row_seqs: &[SeqId],
+) -> EngineError {
+    let mut seqs: Vec<SeqId> = rows
+        .iter()
+        .filter_map(|&r| row_seqs.get(r).copied())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    EngineError::RoutedExpert {
+        seqs,
+        source: Box::new(e),
+    }
 }

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::{EngineError, InMemoryExperts, KvCacheConfig, LogitRows, ModelRunner, SeqChunk};
+use super::{
+    EngineError, InMemoryExperts, KvCacheConfig, LogitRows, ModelRunner, PrefetchStats, SeqChunk,
+};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::HostMatrix;
 use crate::dtype::Dtype;
@@ -526,9 +528,54 @@ fn a_missing_expert_names_layer_and_expert() {
     .unwrap();
     r.add_sequence(1).unwrap();
     let e = r.step(&[SeqChunk::new(1, &[1, 2, 3], 0)]).unwrap_err();
+    assert_eq!(e.failed_sequences(), Some(&[1][..]), "{e}");
+    let EngineError::RoutedExpert { source, .. } = &e else {
+        panic!("{e}")
+    };
     assert!(
-        matches!(e, EngineError::ExpertUnavailable { layer: 0, .. }),
-        "{e}"
+        matches!(**source, EngineError::ExpertUnavailable { layer: 0, .. }),
+        "{source}"
     );
+    assert_eq!(e.expert().map(|x| x.0), Some(0));
     assert_eq!(r.seq_len(1).unwrap(), 0);
+}
+
+/// Look-ahead hints change nothing in what the model computes, and the prediction counts
+/// cover every MoE layer-step but the first layer's.
+#[test]
+fn prefetch_depth_changes_no_logits_and_counts_predictions() {
+    let model = TinyModel::new(&qwen2_config(), 21, Dtype::F32);
+    let tokens = prompt(6, 3);
+    let run = |depth: usize| {
+        let mut r = model.runner(small_cache());
+        r.set_prefetch_depth(depth);
+        assert_eq!(r.prefetch_depth(), depth);
+        r.add_sequence(1).unwrap();
+        let mut out = r.step(&[SeqChunk::new(1, &tokens, 0)]).unwrap();
+        for pos in tokens.len()..tokens.len() + 3 {
+            let next = [argmax(&out[0])];
+            out = r.step(&[SeqChunk::new(1, &next, pos)]).unwrap();
+        }
+        (out, r.prefetch_stats())
+    };
+    let (off, none) = run(0);
+    assert_eq!(none, PrefetchStats::default());
+    let moe_layers = model
+        .spec
+        .layers
+        .iter()
+        .filter(|l| matches!(l.mlp, LayerMlp::Moe))
+        .count() as u64;
+    for depth in [1, 2] {
+        let (on, stats) = run(depth);
+        assert_close(&on[0], &off[0], 0.0, "logits with prefetch");
+        assert_eq!(
+            stats.look_ahead.layer_steps,
+            4 * (moe_layers - 1),
+            "{stats:?}"
+        );
+        assert_eq!(stats.history_only.layer_steps, 3, "{stats:?}");
+        assert!(stats.look_ahead.predicted_hits <= stats.look_ahead.actual);
+        assert!(stats.recall().is_some_and(|r| r > 0.0), "{stats:?}");
+    }
 }
