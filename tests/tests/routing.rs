@@ -268,12 +268,15 @@ impl JobSink for Sink {
 /// What a job ended with: its tokens, and the failure message if it failed.
 type Outcome = (Vec<u32>, Option<String>);
 
+/// (layer, expert) pairs.
+type Experts = BTreeSet<(usize, usize)>;
+
 /// Runs `prompts` as one batch through the scheduler (greedy, 12 tokens each).
 fn schedule(
     state: &Path,
     prompts: &[Vec<u32>],
     fail: Option<(usize, usize)>,
-) -> (Vec<Outcome>, BTreeSet<(usize, usize)>) {
+) -> (Vec<Outcome>, Experts) {
     let r = runner(state, 1, fail);
     let tokenizer = TextTokenizer::from_dir(&Store::new(state).get("tiny").unwrap().dir).unwrap();
     let config = SchedulerConfig {
@@ -329,7 +332,7 @@ fn a_failed_expert_read_fails_only_the_jobs_routed_to_it() {
     synth_tiny(state.path(), 1.0);
     let spec = Store::new(state.path()).get("tiny").unwrap().manifest.spec;
     let prompts = prompts(6, u64::from(spec.eos_token_ids[0]), 0xBAD);
-    let alone: Vec<(Vec<u32>, BTreeSet<(usize, usize)>)> = prompts
+    let alone: Vec<(Vec<u32>, Experts)> = prompts
         .iter()
         .map(|p| {
             let (out, used) = schedule(state.path(), std::slice::from_ref(p), None);
