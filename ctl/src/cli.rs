@@ -15,8 +15,9 @@ Where commands act:
   On the store directly, without the daemon: the same model commands and run, when --offline or
     --state-dir DIR is given. The store is DIR, else $TILEFLOW_STATE_DIR, else /var/lib/tileflow as
     root and $XDG_DATA_HOME/tileflow (~/.local/share/tileflow) otherwise. load and unload need the daemon.
-  Always local: model synth (writes into the store, or --out DIR), demo (starts its own tileflowd on a
-    temporary socket and store; --offline runs the old in-process demo), completions, man.";
+  Always local: model synth (writes into the store, or --out DIR), bench (runs on the store), demo
+    (starts its own tileflowd on a temporary socket and store; --offline runs the old in-process demo),
+    completions, man.";
 
 /// TileFlow admin CLI: manage models, run generations, inspect the daemon.
 #[derive(Debug, Parser)]
@@ -74,6 +75,11 @@ pub enum Command {
     /// Chat with a model (interactive, or lines piped on stdin), or complete --prompt; streamed
     /// through the daemon, or offline on the CPU backend with --offline / --state-dir.
     Run(RunArgs),
+    /// Benchmarks, offline on the store (no daemon).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Start a tileflowd on a temporary socket and store, synthesize and load the `tiny` model,
     /// stream a chat completion, print the expert cache, stop the daemon.
     Demo(DemoArgs),
@@ -129,6 +135,48 @@ pub enum ModelCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+/// `tilectl bench …`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Generate with routed experts streaming through a small expert cache, once per prefetch
+    /// depth: tokens/s, stall per token, prefetch outcomes, look-ahead recall, bytes read.
+    Stream(BenchStreamArgs),
+}
+
+/// `tilectl bench stream`.
+#[derive(Debug, Args)]
+pub struct BenchStreamArgs {
+    /// Model name in the store.
+    pub model: String,
+    /// Prompt text (repeatable) [default: a built-in set of prompts].
+    #[arg(long, short)]
+    pub prompt: Vec<String>,
+    /// Sequences generated together (prompts are repeated to fill the batch).
+    #[arg(long, default_value_t = 1, value_parser = positive_count)]
+    pub batch: usize,
+    /// Greedy tokens generated per sequence.
+    #[arg(long, default_value_t = 32, value_parser = positive_count)]
+    pub tokens: usize,
+    /// Prefetch depths to compare, comma-separated (0: prefetch off).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub prefetch_depths: Vec<usize>,
+    /// Bytes of device-tier expert slots [default: every expert resident].
+    #[arg(long, value_name = "BYTES")]
+    pub device_bytes: Option<u64>,
+    /// Device-tier expert slots, overriding --device-bytes.
+    #[arg(long, value_name = "N", value_parser = positive_count)]
+    pub expert_slots: Option<usize>,
+    /// Bytes of host-tier expert slots (0: no host tier).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub host_bytes: u64,
+    /// CPU threads [default: one per core].
+    #[arg(long, value_name = "N", value_parser = positive_count)]
+    pub threads: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `tilectl model import`.
@@ -298,5 +346,29 @@ mod tests {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("--expert-slots"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn bench_stream_takes_a_depth_list() {
+        let cli = Cli::try_parse_from([
+            "tilectl",
+            "bench",
+            "stream",
+            "m",
+            "--prefetch-depths",
+            "0,2",
+            "--expert-slots",
+            "8",
+        ])
+        .unwrap();
+        let Command::Bench {
+            command: BenchCommand::Stream(args),
+        } = cli.command
+        else {
+            panic!("not bench stream")
+        };
+        assert_eq!(args.prefetch_depths, vec![0, 2]);
+        assert_eq!(args.expert_slots, Some(8));
+        assert_eq!((args.batch, args.tokens), (1, 32));
     }
 }

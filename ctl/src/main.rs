@@ -4,6 +4,7 @@
 //! forms of the model commands and `run` that act on the store directly (`--offline`,
 //! `--state-dir`), and a `demo` that starts its own daemon.
 
+mod bench_stream;
 mod chat;
 mod cli;
 mod demo;
@@ -20,7 +21,7 @@ use anyhow::bail;
 use clap::Parser;
 use tileflow_client::ClientError;
 
-use crate::cli::{Cli, Command, ModelCommand};
+use crate::cli::{BenchCommand, Cli, Command, ModelCommand};
 
 /// Where a command acts: the rule of "Where commands act" in `--help`.
 #[derive(Debug)]
@@ -95,6 +96,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => match place {
             Place::Store(dir) => run::demo(&dir, args),
             Place::Daemon(_) => demo::demo(args),
+        },
+        Command::Bench { command } => match command {
+            BenchCommand::Stream(args) => bench_stream::run(&store, args),
         },
         Command::Completions { shell } => cli::completions(shell),
         Command::Man { dir } => cli::man(&dir),

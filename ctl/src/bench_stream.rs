@@ -1,0 +1,232 @@
+//! `tilectl bench stream`: greedy generation with routed experts streaming from the pack
+//! through the expert tiers, once per prefetch depth, each run on a freshly opened (cold)
+//! model. It measures what router look-ahead buys: stall time per token against depth 0,
+//! prefetch outcomes, look-ahead recall, and bytes read per token.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use tileflow_engine::backend::Backend;
+use tileflow_engine::generate::{batch_config, generate, GenerateRequest};
+use tileflow_engine::model::{LoadOptions, LoadedModel};
+use tileflow_engine::sampler::SamplingParams;
+use tileflow_engine::sched::Scheduler;
+use tileflow_engine::store::Store;
+use tileflow_engine::tokenizer::TextTokenizer;
+
+use crate::cli::BenchStreamArgs;
+use crate::output::table;
+
+/// Prompts used when none are given: varied enough that routing moves around.
+const DEFAULT_PROMPTS: [&str; 4] = [
+    "The tile streams from disk to the GPU and",
+    "In a mixture of experts, each token is routed to",
+    "Once upon a time, in a city built on an old river delta,",
+    "fn main() { let cache = ExpertCache::new(",
+];
+
+/// One prefetch depth's run.
+#[derive(Debug, Clone, Serialize)]
+struct DepthRun {
+    prefetch_depth: usize,
+    /// Tokens generated, all sequences.
+    tokens: usize,
+    /// Wall seconds of the whole generation (prefill included).
+    seconds: f64,
+    tokens_per_s: f64,
+    /// Decode steps only.
+    decode_tokens_per_s: f64,
+    /// Seconds the forward pass waited for experts, per generated token.
+    stall_s_per_token: f64,
+    /// This depth's stall over depth 0's (absent without a depth-0 run or when it stalled 0).
+    stall_ratio_vs_depth0: Option<f64>,
+    prefetch_issued: u64,
+    prefetch_used: u64,
+    prefetch_wasted: u64,
+    prefetch_late: u64,
+    /// Look-ahead recall: chosen experts that had been predicted (absent at depth 0).
+    recall: Option<f64>,
+    /// Experts predicted per MoE layer-step by look-ahead.
+    predicted_per_layer_step: Option<f64>,
+    bytes_read: u64,
+    bytes_read_per_token: f64,
+    device_hits: u64,
+    device_misses: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    backend: String,
+    batch: usize,
+    tokens_per_sequence: usize,
+    expert_slots: Option<usize>,
+    device_bytes: Option<u64>,
+    host_bytes: u64,
+    runs: Vec<DepthRun>,
+}
+
+/// `tilectl bench stream MODEL`.
+pub fn run(state_dir: &Path, args: BenchStreamArgs) -> anyhow::Result<()> {
+    if args.prefetch_depths.is_empty() {
+        bail!("--prefetch-depths needs at least one depth");
+    }
+    let store = Store::new(state_dir);
+    let mut runs = Vec::with_capacity(args.prefetch_depths.len());
+    let mut backend = String::new();
+    for &depth in &args.prefetch_depths {
+        let (run, name) =
+            run_depth(&store, &args, depth).with_context(|| format!("prefetch depth {depth}"))?;
+        backend = name;
+        if !args.json {
+            eprintln!(
+                "depth {depth}: {} tokens in {:.2} s",
+                run.tokens, run.seconds
+            );
+        }
+        runs.push(run);
+    }
+    let base = runs
+        .iter()
+        .find(|r| r.prefetch_depth == 0)
+        .map(|r| r.stall_s_per_token);
+    for r in &mut runs {
+        r.stall_ratio_vs_depth0 = base.filter(|&b| b > 0.0).map(|b| r.stall_s_per_token / b);
+    }
+    let report = Report {
+        model: args.model.clone(),
+        backend,
+        batch: args.batch,
+        tokens_per_sequence: args.tokens,
+        expert_slots: args.expert_slots,
+        device_bytes: args.device_bytes,
+        host_bytes: args.host_bytes,
+        runs,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Opens the model cold with prefetch `depth` and generates the batch.
+fn run_depth(
+    store: &Store,
+    args: &BenchStreamArgs,
+    depth: usize,
+) -> anyhow::Result<(DepthRun, String)> {
+    let mut options = LoadOptions::default();
+    options.tier.device_slots = args.expert_slots;
+    options.tier.device_bytes = args.device_bytes;
+    options.tier.host_bytes = args.host_bytes;
+    options.tier.prefetch_depth = depth;
+    options.threads = args.threads;
+    let mut model = LoadedModel::open(store, &args.model, &options)?;
+    model.runner.set_prefetch_depth(depth);
+    let tokenizer = TextTokenizer::from_dir(&model.dir)?;
+    let requests = requests(&tokenizer, args)?;
+    let mut sched = Scheduler::new(model.runner, tokenizer, batch_config(&requests));
+    let started = Instant::now();
+    let (results, timing) = generate(&mut sched, &requests, &mut |_, _| {})?;
+    let seconds = started.elapsed().as_secs_f64();
+    let runner = sched.runner();
+    let tier = runner.experts().stats();
+    let predicted = runner.prefetch_stats();
+    let tokens: usize = results.iter().map(|r| r.tokens.len()).sum();
+    let per_token = |x: f64| x / tokens.max(1) as f64;
+    let run = DepthRun {
+        prefetch_depth: depth,
+        tokens,
+        seconds,
+        tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        decode_tokens_per_s: timing.decode_tokens as f64 / timing.decode_seconds.max(1e-9),
+        stall_s_per_token: per_token(tier.stall.as_secs_f64()),
+        stall_ratio_vs_depth0: None,
+        prefetch_issued: tier.prefetch.issued,
+        prefetch_used: tier.prefetch.used,
+        prefetch_wasted: tier.prefetch.wasted,
+        prefetch_late: tier.prefetch.late,
+        recall: predicted.recall(),
+        predicted_per_layer_step: predicted.look_ahead.mean_predictions(),
+        bytes_read: tier.bytes_read,
+        bytes_read_per_token: per_token(tier.bytes_read as f64),
+        device_hits: tier.device.hits,
+        device_misses: tier.device.misses,
+    };
+    Ok((run, runner.backend().name().to_string()))
+}
+
+/// The batch: the given prompts (or the defaults), repeated to `--batch` sequences.
+fn requests(
+    tokenizer: &TextTokenizer,
+    args: &BenchStreamArgs,
+) -> anyhow::Result<Vec<GenerateRequest>> {
+    let texts: Vec<&str> = if args.prompt.is_empty() {
+        DEFAULT_PROMPTS.to_vec()
+    } else {
+        args.prompt.iter().map(String::as_str).collect()
+    };
+    let mut params = SamplingParams::greedy(u32::try_from(args.tokens).unwrap_or(u32::MAX));
+    params.ignore_eos = true;
+    let mut out = Vec::with_capacity(args.batch);
+    for text in texts.iter().cycle().take(args.batch) {
+        let prompt = tokenizer
+            .encode(text, true)
+            .with_context(|| format!("cannot tokenize the prompt {text:?}"))?;
+        if prompt.is_empty() {
+            bail!("the prompt {text:?} has no tokens");
+        }
+        out.push(GenerateRequest {
+            prompt,
+            params: params.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{x:.digits$}"))
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "{} on {}: batch {}, {} tokens per sequence",
+        report.model, report.backend, report.batch, report.tokens_per_sequence
+    );
+    let rows: Vec<Vec<String>> = report
+        .runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.prefetch_depth.to_string(),
+                format!("{:.1}", r.tokens_per_s),
+                format!("{:.3}", r.stall_s_per_token * 1e3),
+                opt(r.stall_ratio_vs_depth0, 2),
+                r.prefetch_used.to_string(),
+                r.prefetch_wasted.to_string(),
+                r.prefetch_late.to_string(),
+                opt(r.recall, 3),
+                crate::output::human_bytes(r.bytes_read_per_token as u64),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "DEPTH",
+            "TOK/S",
+            "STALL MS/TOK",
+            "STALL/DEPTH0",
+            "PF USED",
+            "PF WASTED",
+            "PF LATE",
+            "RECALL",
+            "READ/TOK",
+        ],
+        &rows,
+    );
+}

@@ -1,0 +1,84 @@
+//! `tilectl bench stream` on a tiny synthetic model: one run per prefetch depth, with the
+//! fields the benchmark promises (structure only: no numbers are asserted, speed lives in
+//! benchmarks).
+
+use serde_json::Value;
+use tileflow_tests::tilectl_ok;
+
+#[test]
+fn bench_stream_reports_every_depth_as_json() {
+    let state = tempfile::tempdir().unwrap();
+    let s = state.path();
+    tilectl_ok(
+        s,
+        &[
+            "model",
+            "synth",
+            "--preset",
+            "tiny",
+            "--name",
+            "tiny",
+            "--route-skew",
+            "1",
+        ],
+    );
+    let run = tilectl_ok(
+        s,
+        &[
+            "bench",
+            "stream",
+            "tiny",
+            "--tokens",
+            "3",
+            "--batch",
+            "2",
+            "--expert-slots",
+            "8",
+            "--prefetch-depths",
+            "0,1,2",
+            "--json",
+        ],
+    );
+    let report: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout));
+    assert_eq!(report["model"], "tiny");
+    assert_eq!(report["batch"], 2);
+    assert_eq!(report["expert_slots"], 8);
+    let runs = report["runs"].as_array().unwrap();
+    let depths: Vec<u64> = runs
+        .iter()
+        .map(|r| r["prefetch_depth"].as_u64().unwrap())
+        .collect();
+    assert_eq!(depths, vec![0, 1, 2]);
+    for r in runs {
+        assert_eq!(r["tokens"], 6, "{r}");
+        for field in [
+            "seconds",
+            "tokens_per_s",
+            "decode_tokens_per_s",
+            "stall_s_per_token",
+            "bytes_read_per_token",
+        ] {
+            assert!(r[field].as_f64().is_some(), "{field}: {r}");
+        }
+        for field in [
+            "prefetch_issued",
+            "prefetch_used",
+            "prefetch_wasted",
+            "prefetch_late",
+            "bytes_read",
+            "device_hits",
+            "device_misses",
+        ] {
+            assert!(r[field].as_u64().is_some(), "{field}: {r}");
+        }
+        assert!(r.get("stall_ratio_vs_depth0").is_some(), "{r}");
+        let recall = &r["recall"];
+        if r["prefetch_depth"] == 0 {
+            assert!(recall.is_null(), "{r}");
+        } else {
+            let x = recall.as_f64().unwrap_or_else(|| panic!("no recall: {r}"));
+            assert!((0.0..=1.0).contains(&x), "{r}");
+        }
+    }
+}
