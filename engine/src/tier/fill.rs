@@ -100,7 +100,7 @@ impl<M: TierMemory> ExpertCache<M> {
                 None => self.ring.pop(),
             };
             let Some(buf) = buf else { break };
-            let offset = extent.offset + (k * self.tile_size) as u64;
+            let offset = extent.offset.saturating_add((k * self.tile_size) as u64);
             self.queue.submit(ReadRequest {
                 tag: tag(id, k),
                 file: 0,

@@ -285,8 +285,11 @@ impl<M: TierMemory> ExpertCache<M> {
         } else {
             let piece = config.tile_size.min(slot_bytes);
             let count = (config.io.queue_depth as usize).max(2);
+            let total = piece
+                .checked_mul(count)
+                .ok_or(TierError::Alloc { bytes: usize::MAX })?;
             let mem = memory
-                .alloc_host(piece * count)
+                .alloc_host(total)
                 .map_err(mem_err(format!("staging ring of {count} tiles")))?;
             let (arena, bufs) = DmaArena::new(mem, piece, count)
                 .map_err(|e| config_err(format!("staging ring layout: {e}")))?;

@@ -128,3 +128,24 @@ fn host_tier_copies_for_prefetch_and_always_verify() {
     assert_eq!(c.stats().bytes_read, read);
     assert_eq!(c.stats().prefetch.late, 1);
 }
+
+#[test]
+fn prefetch_after_prepare_keeps_the_prepared_experts() {
+    let pack = TestPack::new(2, 4, |_, _| 9000);
+    let mut c = pack.open(&config(3, 0, 4096));
+    c.prepare(0, &[0, 1]).unwrap();
+    // The forward pass may hint the next layers before computing this one.
+    c.prefetch(1, &[0, 1, 2]);
+    settle(&mut c);
+    for e in [0, 1] {
+        assert_eq!(c.expert(0, e).unwrap().bytes, pack.expected(0, e));
+    }
+    assert!(c.is_resident(1, 0));
+    assert_eq!(c.prefetch_queue.len(), 2);
+    // The next prepare frees the old set; the queued hints proceed once slots allow.
+    get(&mut c, &pack, 1, 0);
+    settle(&mut c);
+    assert!(c.is_resident(1, 1) && c.is_resident(1, 2));
+    let s = c.stats();
+    assert_eq!((s.prefetch.issued, s.prefetch.used), (3, 1));
+}
