@@ -4,14 +4,14 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tileflow_spdk::FileSource;
+use tileflow_spdk::{FileSource, TileSource};
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuTierMemory};
 use crate::forward::{EngineError, KvCacheConfig, ModelRunner};
 use crate::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
 use crate::safetensors_io::{Checkpoint, SafetensorsError};
 use crate::store::{Store, StoreError};
-use crate::tier::{ExpertCache, TierConfig};
+use crate::tier::{ExpertCache, TierConfig, TierError};
 use crate::weights::{DenseWeights, TensorLoader, WeightsError};
 
 /// Why a model could not be opened.
@@ -78,6 +78,15 @@ pub enum LoadError {
         expected: u64,
         /// Bytes on disk.
         actual: u64,
+    },
+    /// The expert tiers could not be set up (config, memory, or a pinned expert unreadable).
+    #[error("model {model}: cannot set up the expert tiers")]
+    Tier {
+        /// Model name.
+        model: String,
+        /// Why.
+        #[source]
+        source: Box<TierError>,
     },
     /// The engine refused the weights.
     #[error("model {model}: cannot build the engine")]
@@ -228,7 +237,6 @@ impl LoadedModel {
             path: experts_path.display().to_string(),
             source,
         })?;
-        use tileflow_spdk::TileSource;
         if source.len() < manifest.experts_file_bytes {
             return Err(LoadError::ShortExperts {
                 model: name.to_string(),
@@ -237,17 +245,17 @@ impl LoadedModel {
                 actual: source.len(),
             });
         }
-        let slots = options
-            .tier
-            .device_slots
-            .unwrap_or(manifest.experts.len())
-            .max(1);
-        let cache = ExpertCache::new(
+        drop(source);
+        let cache = ExpertCache::open(
             manifest.clone(),
-            Box::new(source),
-            slots,
-            options.tier.verify,
-        );
+            &experts_path,
+            &options.tier,
+            CpuTierMemory,
+        )
+        .map_err(|source| LoadError::Tier {
+            model: name.to_string(),
+            source: Box::new(source),
+        })?;
         let backend = match options.threads {
             Some(n) => CpuBackend::with_threads(n),
             None => CpuBackend::new(),

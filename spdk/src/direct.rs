@@ -55,7 +55,22 @@ pub fn read_full(
                     file_len,
                 });
             }
-            Ok(n) => done += n,
+            Ok(n) => {
+                done += n;
+                // A read that stops inside a block under O_DIRECT met the end of the file; the
+                // next read would start unaligned and fail with EINVAL, so say so now.
+                if done < want && done % crate::aligned::DMA_ALIGN != 0 {
+                    let file_len = file.metadata().map_or(offset + done as u64, |m| m.len());
+                    if file_len <= offset + done as u64 {
+                        return Err(StorageError::ShortFile {
+                            path: path.to_path_buf(),
+                            offset,
+                            len: want as u64,
+                            file_len,
+                        });
+                    }
+                }
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::Interrupted
                     || e.kind() == io::ErrorKind::WouldBlock => {}

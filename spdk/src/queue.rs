@@ -195,7 +195,9 @@ impl ReadQueue {
                 ) {
                     Ok(t) => (IoBackend::IoUring, t),
                     Err(e) => {
-                        tracing::warn!(
+                        // Falling back is what Auto means, so this is not a warning: one-shot
+                        // commands (`tilectl run`) keep their stderr for their own errors.
+                        tracing::info!(
                             error = %crate::error_chain(&e),
                             "io_uring is unavailable; reading tiles with the pread thread pool"
                         );

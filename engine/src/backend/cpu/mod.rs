@@ -10,6 +10,9 @@
 mod attention;
 mod experts;
 mod matmul;
+mod memory;
+
+pub use self::memory::{CpuCopyDone, CpuTierMemory};
 
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -1,0 +1,442 @@
+//! Deciding what to fetch when: demand fills for `prepare`, paced prefetches, victim choice, and
+//! the [`ExpertProvider`] the forward pass calls.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tileflow_spdk::Priority;
+use xxhash_rust::xxh3::Xxh3;
+
+use super::fill::{Digest, Fill, Source};
+use super::{DeviceSlot, ExpertCache, TierError, TierMemory, Verify, MAX_STALL_EVENTS};
+use crate::backend::ExpertRef;
+use crate::forward::{EngineError, ExpertProvider};
+
+/// What the wait for a prepare call found.
+type FetchError = (usize, Box<TierError>);
+
+impl<M: TierMemory> ExpertCache<M> {
+    /// Handles every completion ready now, without blocking, then starts what can start.
+    pub(super) fn drain_ready(&mut self) {
+        while let Some(c) = self.queue.try_complete() {
+            self.on_completion(c);
+        }
+        let ids: Vec<u64> = self.fills.keys().copied().collect();
+        for id in ids {
+            self.advance(id);
+        }
+        self.pump();
+    }
+
+    /// Starts queued demand fills, hands free staging buffers to fills (demand first), then
+    /// starts the prefetches the pacer allows.
+    fn pump(&mut self) {
+        let mut i = 0;
+        while i < self.demand_queue.len() {
+            let pos = self.demand_queue[i];
+            if self.try_start(pos, Priority::Demand) {
+                self.demand_queue.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        self.feed_ring();
+        while let Some(&pos) = self.prefetch_queue.front() {
+            if self.device_index.contains_key(&pos) || self.filling.contains_key(&pos) {
+                self.prefetch_queue.pop_front();
+                continue;
+            }
+            if !self.demand_queue.is_empty() {
+                break;
+            }
+            let cost = if self.host_copy_source(pos).is_some() {
+                0
+            } else {
+                self.manifest.experts[pos].bytes
+            };
+            if !self.pacer.may_start(cost, Instant::now())
+                || !self.try_start(pos, Priority::Prefetch)
+            {
+                break;
+            }
+            self.prefetch_queue.pop_front();
+        }
+        self.feed_ring();
+    }
+
+    /// Gives free staging buffers to fills waiting for them, demand fills first.
+    fn feed_ring(&mut self) {
+        if !self.host.is_empty() {
+            return;
+        }
+        for priority in [Priority::Demand, Priority::Prefetch] {
+            let ids: Vec<u64> = self
+                .fills
+                .iter()
+                .filter(|(_, f)| f.priority == priority && f.next_submit < f.tiles)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                if self.ring.is_empty() {
+                    return;
+                }
+                self.submit_tiles(id);
+            }
+        }
+    }
+
+    /// The host slot holding `pos`, if it can be copied from now.
+    fn host_copy_source(&self, pos: usize) -> Option<usize> {
+        self.host_index
+            .get(&pos)
+            .copied()
+            .filter(|&h| !self.host[h].meta.busy)
+    }
+
+    /// A device slot for a new fill: an empty one, a new one under the budget, or a victim.
+    /// A prefetch does not displace another unused prefetch.
+    fn device_slot_for(&self, priority: Priority) -> Option<usize> {
+        if let Some(i) = self
+            .device
+            .iter()
+            .position(|s| s.meta.expert.is_none() && !s.meta.busy)
+        {
+            return Some(i);
+        }
+        if self.device.len() < self.device_cap {
+            return Some(self.device.len());
+        }
+        let spare = priority == Priority::Prefetch;
+        self.usage.victim(
+            self.device.iter().map(|s| {
+                let mut m = s.meta;
+                // Treated as busy: never chosen.
+                m.busy |= spare && m.prefetched;
+                m
+            }),
+            &self.protected,
+        )
+    }
+
+    /// Starts a fill of `pos`; false when no slot can take it yet (it stays queued).
+    fn try_start(&mut self, pos: usize, priority: Priority) -> bool {
+        let from_host = self.host_copy_source(pos);
+        let Some(dslot) = self.device_slot_for(priority) else {
+            return false;
+        };
+        let host_slot = match (from_host, self.host.is_empty()) {
+            (Some(_), _) | (None, true) => None,
+            (None, false) => {
+                let none = HashSet::new();
+                match self.usage.victim(self.host.iter().map(|s| s.meta), &none) {
+                    Some(h) => Some(h),
+                    None => return false,
+                }
+            }
+        };
+        let extent = &self.manifest.experts[pos];
+        let bytes = match usize::try_from(extent.bytes) {
+            Ok(b) if b <= self.slot_bytes => b,
+            _ => {
+                self.fail_start(pos, priority, TierError::Alloc { bytes: usize::MAX });
+                return true;
+            }
+        };
+        if dslot == self.device.len() {
+            match self.memory.alloc_device_slot(self.slot_bytes) {
+                Ok(mem) => self.device.push(DeviceSlot {
+                    meta: Default::default(),
+                    mem,
+                }),
+                Err(source) => {
+                    let err = TierError::Memory {
+                        model: self.model.clone(),
+                        what: format!("device slot {dslot}"),
+                        source,
+                    };
+                    self.fail_start(pos, priority, err);
+                    return true;
+                }
+            }
+        }
+        let meta = &mut self.device[dslot].meta;
+        if let Some(old) = meta.expert.take() {
+            self.device_index.remove(&old);
+            self.stats.device_evictions += 1;
+            if meta.prefetched {
+                self.stats.prefetch.wasted += 1;
+            }
+        }
+        *meta = Default::default();
+        meta.busy = true;
+        if let Some(h) = host_slot {
+            let meta = &mut self.host[h].meta;
+            if let Some(old) = meta.expert.take() {
+                self.host_index.remove(&old);
+                self.stats.host_evictions += 1;
+            }
+            meta.busy = true;
+        }
+        let source = match from_host {
+            Some(h) => {
+                self.host[h].meta.busy = true;
+                Source::Host(h)
+            }
+            None => Source::Storage(host_slot),
+        };
+        let verify = match (self.verify, source) {
+            (Verify::Always, _) => true,
+            (Verify::First, Source::Storage(_)) => !self.verified[pos],
+            _ => false,
+        };
+        let cost = match (priority, source) {
+            (Priority::Prefetch, Source::Storage(_)) => bytes as u64,
+            _ => 0,
+        };
+        self.pacer.start(cost);
+        let tiles = bytes.div_ceil(self.tile_size);
+        let id = self.next_fill;
+        self.next_fill += 1;
+        let mut fill = Fill {
+            expert: pos,
+            priority,
+            cost,
+            device_slot: dslot,
+            source,
+            bytes,
+            tiles,
+            next_submit: 0,
+            reads_out: 0,
+            held: (0..tiles).map(|_| None).collect(),
+            copied: vec![false; tiles],
+            copies: Vec::new(),
+            hashed: 0,
+            hasher: verify.then(|| Digest(Xxh3::new())),
+            error: None,
+        };
+        if let Source::Host(h) = source {
+            self.copy_from_host(&mut fill, h);
+        }
+        self.fills.insert(id, fill);
+        self.filling.insert(pos, id);
+        self.submit_tiles(id);
+        self.advance(id);
+        true
+    }
+
+    /// Starts the copies of a host-tier hit, hashing the host bytes when verifying.
+    fn copy_from_host(&mut self, fill: &mut Fill<M::Event>, h: usize) {
+        fill.next_submit = fill.tiles;
+        fill.hashed = fill.tiles;
+        for k in 0..fill.tiles {
+            let len = fill.tile_len(k, self.tile_size);
+            let Some(Some(src)) = self.host[h].tiles.get(k) else {
+                continue;
+            };
+            if let Some(hasher) = &mut fill.hasher {
+                hasher.0.update(&src[..len]);
+            }
+            let dst = &mut self.device[fill.device_slot].mem;
+            match self
+                .memory
+                .copy_to_device(src, 0..len, dst, k * self.tile_size)
+            {
+                Ok(ev) => {
+                    self.stats.h2d_bytes += len as u64;
+                    fill.copies.push((k, ev));
+                }
+                Err(source) => {
+                    let e = &self.manifest.experts[fill.expert];
+                    fill.error.get_or_insert(TierError::Memory {
+                        model: self.model.clone(),
+                        what: format!(
+                            "cannot copy layer {} expert {} from its host slot",
+                            e.layer, e.expert
+                        ),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// A fill that could not even start: a demand reports it, a prefetch is dropped.
+    fn fail_start(&mut self, pos: usize, priority: Priority, err: TierError) {
+        if priority == Priority::Demand {
+            self.failed.insert(pos, err);
+        }
+    }
+
+    /// Makes every expert of `positions` resident in the device tier, waiting for their fills;
+    /// they stay resident until the next call. The first failure is returned with its expert.
+    pub(super) fn fetch_all(&mut self, positions: &[usize]) -> Result<(), FetchError> {
+        self.drain_ready();
+        self.protected = positions.iter().copied().collect();
+        for &pos in positions {
+            self.failed.remove(&pos);
+            self.lookup(pos);
+        }
+        self.pump();
+        let start = Instant::now();
+        let mut blocked = false;
+        let result = loop {
+            let mut pending = None;
+            let mut failed = None;
+            for &pos in positions {
+                if let Some(err) = self.failed.remove(&pos) {
+                    failed = Some((pos, Box::new(err)));
+                    break;
+                }
+                if !self.device_index.contains_key(&pos) {
+                    pending.get_or_insert(pos);
+                }
+            }
+            if let Some(f) = failed {
+                break Err(f);
+            }
+            let Some(waiting) = pending else { break Ok(()) };
+            blocked = true;
+            if let Some(c) = self.queue.wait() {
+                self.on_completion(c);
+                self.pump();
+                continue;
+            }
+            if self.wait_one_copy() {
+                self.pump();
+                continue;
+            }
+            let before = self.fills.len();
+            self.pump();
+            if self.fills.len() == before && self.queue.in_flight() == 0 {
+                let e = &self.manifest.experts[waiting];
+                break Err((
+                    waiting,
+                    Box::new(TierError::NoSlot {
+                        model: self.model.clone(),
+                        layer: e.layer,
+                        expert: e.expert,
+                    }),
+                ));
+            }
+        };
+        if blocked {
+            let stall = start.elapsed();
+            self.stats.stall += stall;
+            if self.stalls.len() < MAX_STALL_EVENTS {
+                self.stalls.push(stall);
+            }
+        }
+        result
+    }
+
+    /// One lookup by the forward pass: counts it and queues a demand fill on a miss.
+    fn lookup(&mut self, pos: usize) {
+        self.usage.touch(pos);
+        if let Some(&slot) = self.device_index.get(&pos) {
+            self.stats.device.hits += 1;
+            let meta = &mut self.device[slot].meta;
+            if meta.prefetched {
+                meta.prefetched = false;
+                self.stats.prefetch.used += 1;
+            }
+            return;
+        }
+        self.stats.device.misses += 1;
+        if let Some(fill) = self.filling.get(&pos).and_then(|id| self.fills.get_mut(id)) {
+            if fill.priority == Priority::Prefetch {
+                fill.priority = Priority::Demand;
+                self.stats.prefetch.late += 1;
+            }
+            return;
+        }
+        if let Some(i) = self.prefetch_queue.iter().position(|&p| p == pos) {
+            self.prefetch_queue.remove(i);
+            self.stats.prefetch.late += 1;
+        }
+        if !self.host.is_empty() {
+            if self.host_index.contains_key(&pos) {
+                self.stats.host.hits += 1;
+            } else {
+                self.stats.host.misses += 1;
+            }
+        }
+        if !self.demand_queue.contains(&pos) {
+            self.demand_queue.push_back(pos);
+        }
+    }
+
+    /// Queues prefetches of the experts of `positions` that are neither resident nor on their
+    /// way, dropping the oldest queued hint when the queue holds a device tier's worth.
+    pub(super) fn queue_prefetch(&mut self, positions: &[usize]) {
+        self.drain_ready();
+        for &pos in positions {
+            if self.device_index.contains_key(&pos)
+                || self.filling.contains_key(&pos)
+                || self.prefetch_queue.contains(&pos)
+                || self.demand_queue.contains(&pos)
+            {
+                continue;
+            }
+            self.stats.prefetch.issued += 1;
+            if self.prefetch_queue.len() >= self.device_cap {
+                self.prefetch_queue.pop_front();
+                self.stats.prefetch.wasted += 1;
+            }
+            self.prefetch_queue.push_back(pos);
+        }
+        self.pump();
+    }
+}
+
+impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
+    fn capacity(&self) -> usize {
+        ExpertCache::capacity(self)
+    }
+
+    fn prepare(&mut self, layer: usize, experts: &[usize]) -> Result<(), EngineError> {
+        let mut positions = Vec::with_capacity(experts.len());
+        for &expert in experts {
+            let pos = self
+                .position(layer, expert)
+                .map_err(|e| EngineError::ExpertRead {
+                    layer,
+                    expert,
+                    source: Box::new(e),
+                })?;
+            positions.push(pos);
+        }
+        self.fetch_all(&positions).map_err(|(pos, e)| {
+            let expert = self.manifest.experts.get(pos).map_or(0, |x| x.expert);
+            EngineError::ExpertRead {
+                layer,
+                expert,
+                source: e,
+            }
+        })
+    }
+
+    fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
+        let view = self
+            .peek(layer, expert)
+            .ok_or_else(|| EngineError::ExpertUnavailable {
+                layer,
+                expert,
+                reason: "it was not prepared (or was evicted) before use".into(),
+            })?;
+        Ok(ExpertRef {
+            bytes: view.bytes,
+            dtype: view.dtype,
+            gate: view.extent.gate,
+            up: view.extent.up,
+            down: view.extent.down,
+        })
+    }
+
+    fn prefetch(&mut self, layer: usize, experts: &[usize]) {
+        let positions: Vec<usize> = experts
+            .iter()
+            .filter_map(|&e| self.position(layer, e).ok())
+            .collect();
+        self.queue_prefetch(&positions);
+    }
+}
