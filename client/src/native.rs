@@ -134,20 +134,52 @@ pub struct Status {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TierCache {
-    /// "host", "vram".
+    /// "device" (the backend's memory: VRAM on CUDA) or "host" (page-locked host memory).
     pub tier: String,
     /// Expert slots.
     pub slots: usize,
-    /// Lookups that hit.
+    /// Bytes of one slot (the model's largest expert).
+    pub slot_bytes: u64,
+    /// Bytes of slots this model may hold in the tier.
+    pub budget_bytes: u64,
+    /// Bytes of slots allocated now.
+    pub resident_bytes: u64,
+    /// Experts resident now.
+    pub resident_experts: usize,
+    /// Lookups that found the expert resident.
     pub hits: u64,
-    /// Lookups that missed.
+    /// Lookups that did not.
     pub misses: u64,
     /// hits / (hits + misses), 0 before any lookup.
     pub hit_ratio: f64,
     /// Experts evicted.
     pub evictions: u64,
-    /// Bytes read into this tier.
-    pub bytes_read: u64,
+}
+
+/// What happened to a model's prefetches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrefetchCache {
+    /// Fetches queued for predicted experts.
+    pub issued: u64,
+    /// Prefetched experts resident when the forward pass asked for them.
+    pub used: u64,
+    /// Prefetched experts evicted or dropped before anyone asked for them.
+    pub wasted: u64,
+    /// Prefetched experts asked for while still being read.
+    pub late: u64,
+}
+
+/// How a model's experts are read from storage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StorageCache {
+    /// The backend reading (`"io_uring"`, `"pread"`).
+    pub backend: String,
+    /// Whether reads bypass the page cache (O_DIRECT).
+    pub direct: bool,
+    /// Reads in flight at most.
+    pub queue_depth: u32,
 }
 
 /// One model's expert cache.
@@ -156,8 +188,30 @@ pub struct TierCache {
 pub struct ModelCache {
     /// Model name.
     pub model: String,
-    /// Its tiers, fastest last.
+    /// Eviction policy: "lru" or "lfru".
+    pub policy: String,
+    /// I/O and DMA unit in bytes.
+    pub tile_size: u64,
+    /// Router look-ahead layers; 0: prefetch off.
+    pub prefetch_depth: usize,
+    /// Experts pinned in the device tier.
+    pub pinned_experts: usize,
+    /// The storage path.
+    pub storage: StorageCache,
+    /// Its tiers, fastest first: "device", then "host".
     pub tiers: Vec<TierCache>,
+    /// Bytes read from storage.
+    pub bytes_read: u64,
+    /// Bytes copied host → device.
+    pub h2d_bytes: u64,
+    /// Prefetch outcomes.
+    pub prefetch: PrefetchCache,
+    /// Seconds the forward pass waited for experts.
+    pub stall_seconds: f64,
+    /// Expert reads whose checksum did not match the manifest.
+    pub checksum_failures: u64,
+    /// Expert reads that failed (I/O errors, short files).
+    pub read_failures: u64,
 }
 
 /// `GET /api/cache`.

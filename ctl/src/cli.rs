@@ -58,7 +58,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Summarize the daemon's metrics: requests, tokens, mean latencies, cache hit ratio.
+    /// Summarize the daemon's metrics: requests, tokens, mean latencies, expert tiers (hit
+    /// ratios, bytes read, prefetch outcomes, stall quantiles, failures).
     Metrics {
         /// Print the summary as JSON.
         #[arg(long)]

@@ -18,7 +18,7 @@ use tileflow_engine::store::Store;
 use tileflow_engine::synth::Synth;
 
 use crate::cli::DemoArgs;
-use crate::output::{human_bytes, human_seconds, percent, print_json, table};
+use crate::output::{human_bytes, human_seconds, print_json};
 
 const MODEL: &str = "tiny";
 /// How long the daemon may take to answer /health, and to exit after SIGTERM.
@@ -306,37 +306,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if g.json {
         print_json(&cache)?;
     } else {
-        let rows: Vec<Vec<String>> = cache
-            .models
-            .iter()
-            .flat_map(|m| {
-                m.tiers.iter().map(|t| {
-                    vec![
-                        m.model.clone(),
-                        t.tier.clone(),
-                        t.slots.to_string(),
-                        t.hits.to_string(),
-                        t.misses.to_string(),
-                        percent(t.hits, t.hits + t.misses),
-                        t.evictions.to_string(),
-                        human_bytes(t.bytes_read),
-                    ]
-                })
-            })
-            .collect();
-        table(
-            &[
-                "MODEL",
-                "TIER",
-                "SLOTS",
-                "HITS",
-                "MISSES",
-                "HIT RATIO",
-                "EVICTIONS",
-                "READ",
-            ],
-            &rows,
-        );
+        crate::remote::cache_table(&cache);
     }
     daemon.stop()?;
     Ok(())

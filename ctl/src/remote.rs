@@ -4,10 +4,12 @@ use std::path::Path;
 
 use anyhow::Context;
 use tileflow_client::blocking::Client;
-use tileflow_client::native::{ImportProgress, ImportRequest, ModelSummary};
+use tileflow_client::native::{CacheReport, ImportProgress, ImportRequest, ModelSummary};
 
 use crate::cli::ImportArgs;
-use crate::output::{byte_bar, fields, human_bytes, human_duration, percent, print_json, table};
+use crate::output::{
+    byte_bar, fields, human_bytes, human_duration, human_seconds, percent, print_json, table,
+};
 
 /// A client of the daemon on `socket`.
 pub fn connect(socket: &Path) -> anyhow::Result<Client> {
@@ -234,4 +236,67 @@ pub fn rm(socket: &Path, names: &[String]) -> anyhow::Result<()> {
         eprintln!("removed {name}");
     }
     Ok(())
+}
+
+/// `GET /api/cache` as a table, one row per model and tier, then one line per model with its
+/// storage path, prefetch outcomes, stall time and failures.
+pub fn cache_table(report: &CacheReport) {
+    let rows: Vec<Vec<String>> = report
+        .models
+        .iter()
+        .flat_map(|m| {
+            m.tiers.iter().map(|t| {
+                vec![
+                    m.model.clone(),
+                    t.tier.clone(),
+                    t.slots.to_string(),
+                    format!(
+                        "{}/{}",
+                        human_bytes(t.resident_bytes),
+                        human_bytes(t.budget_bytes)
+                    ),
+                    t.hits.to_string(),
+                    t.misses.to_string(),
+                    percent(t.hits, t.hits + t.misses),
+                    t.evictions.to_string(),
+                ]
+            })
+        })
+        .collect();
+    table(
+        &[
+            "MODEL",
+            "TIER",
+            "SLOTS",
+            "RESIDENT",
+            "HITS",
+            "MISSES",
+            "HIT RATIO",
+            "EVICTIONS",
+        ],
+        &rows,
+    );
+    for m in &report.models {
+        let p = &m.prefetch;
+        let outcomes = p.used + p.wasted + p.late;
+        println!(
+            "{}: {} read ({}{}), {} host→device; policy {}, tiles {}, prefetch depth {}: \
+             {} issued, used {}, wasted {}, late {}; stalled {}; {} checksum and {} read failures",
+            m.model,
+            human_bytes(m.bytes_read),
+            m.storage.backend,
+            if m.storage.direct { ", O_DIRECT" } else { "" },
+            human_bytes(m.h2d_bytes),
+            m.policy,
+            human_bytes(m.tile_size),
+            m.prefetch_depth,
+            p.issued,
+            percent(p.used, outcomes),
+            percent(p.wasted, outcomes),
+            percent(p.late, outcomes),
+            human_seconds(m.stall_seconds),
+            m.checksum_failures,
+            m.read_failures,
+        );
+    }
 }

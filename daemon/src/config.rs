@@ -16,6 +16,7 @@
 //! [`Config::validate`] checks ranges and cross-key rules and the error names the key and where
 //! its value came from. [`Config::live_diff`] says which changes a SIGHUP can apply in place.
 
+mod cache;
 mod keys;
 mod load;
 mod units;
@@ -26,9 +27,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tileflow_engine::forward::KvCacheConfig;
 use tileflow_engine::sched::SchedulerConfig as EngineSchedulerLimits;
-use tileflow_engine::tier::Verify;
 
-pub use keys::{ConfigKey, KEYS};
+pub use cache::{CacheConfig, CachePolicy, CacheVerify, ExpertPin, StorageBackend, StorageConfig};
+pub use keys::{Apply, ConfigDiff, ConfigKey, KEYS};
 pub use load::{ConfigError, ConfigSources, Loaded, Origin, DEFAULT_CONFIG_PATH};
 pub use units::{ByteSize, FileMode, HumanDuration, ListenAddr};
 
@@ -44,8 +45,10 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Where models live and which load at start.
     pub models: ModelsConfig,
-    /// The expert tile cache.
+    /// The expert tiers of each loaded model.
     pub cache: CacheConfig,
+    /// How expert tiles are read from storage.
+    pub storage: StorageConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -177,39 +180,6 @@ impl Default for ModelsConfig {
     }
 }
 
-/// When expert checksums are verified as experts are read from storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheVerify {
-    /// The first time each expert is read.
-    #[default]
-    First,
-    /// Every read.
-    Always,
-    /// Never (raw-path benchmarks only).
-    Never,
-}
-
-impl From<CacheVerify> for Verify {
-    fn from(v: CacheVerify) -> Verify {
-        match v {
-            CacheVerify::First => Verify::First,
-            CacheVerify::Always => Verify::Always,
-            CacheVerify::Never => Verify::Never,
-        }
-    }
-}
-
-/// `[cache]`: the expert tile cache.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CacheConfig {
-    /// Expert slots in the cache; 0 keeps every expert resident.
-    pub expert_slots: usize,
-    /// Checksum verification of expert reads.
-    pub verify: CacheVerify,
-}
-
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -264,6 +234,8 @@ impl Config {
     /// Checks ranges and cross-key rules; the error names the first offending key.
     pub fn validate(&self) -> Result<(), InvalidValue> {
         self.server.validate()?;
+        self.cache.validate()?;
+        self.storage.validate()?;
         let s = &self.scheduler;
         for (key, value) in [
             ("scheduler.max_running", s.max_running),
@@ -320,10 +292,9 @@ impl Config {
         Ok(())
     }
 
-    /// The keys whose values differ between `old` and `new`, split into those a running daemon
-    /// applies in place (first) and those that take effect only after a restart (second), in
-    /// the order of [`KEYS`].
-    pub fn live_diff(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'static str>) {
+    /// The keys whose values differ between `old` and `new`, split by when a running daemon
+    /// takes them up: at once, for models loaded after the reload, or after a restart.
+    pub fn live_diff(old: &Config, new: &Config) -> ConfigDiff {
         keys::live_diff(old, new)
     }
 

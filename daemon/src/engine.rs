@@ -13,11 +13,16 @@ use tileflow_engine::sched::{
     JobEvent, JobId, JobRequest, JobSink, Scheduler, SchedulerConfig, SubmitError,
 };
 use tileflow_engine::store::Store;
-use tileflow_engine::tier::{ExpertCache, TierStats};
+use tileflow_engine::tier::{ExpertCache, TierConfig, TierStats};
 use tileflow_engine::tokenizer::TextTokenizer;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+
+mod report;
+
+use report::ExpertLayout;
+pub use report::ModelReport;
 
 /// What the API side needs of a loaded model without asking the engine thread.
 #[derive(Debug, Clone)]
@@ -64,10 +69,13 @@ enum Command {
         reply: oneshot::Sender<bool>,
     },
     Status {
-        reply: oneshot::Sender<Vec<ModelStatus>>,
+        reply: oneshot::Sender<Vec<ModelReport>>,
     },
     SetLimits {
         max_waiting: usize,
+    },
+    SetTier {
+        tier: Box<TierConfig>,
     },
     Shutdown,
 }
@@ -176,11 +184,24 @@ impl EngineHandle {
 
     /// Every loaded model's state.
     pub async fn status(&self) -> Vec<ModelStatus> {
+        self.reports().await.into_iter().map(|r| r.status).collect()
+    }
+
+    /// Every loaded model's state and expert tiers.
+    pub async fn reports(&self) -> Vec<ModelReport> {
         let (reply, answer) = oneshot::channel();
         if self.tx.send(Command::Status { reply }).is_err() {
             return Vec::new();
         }
         answer.await.unwrap_or_default()
+    }
+
+    /// Sets the tier configuration of models loaded from now on (SIGHUP); loaded models keep
+    /// the one they were opened with.
+    pub fn set_tier(&self, tier: TierConfig) {
+        let _ = self.tx.send(Command::SetTier {
+            tier: Box::new(tier),
+        });
     }
 
     /// Changes the waiting-queue bound live.
@@ -196,10 +217,21 @@ impl EngineHandle {
 
 type CpuScheduler = Scheduler<CpuBackend, ExpertCache>;
 
+/// A loaded model as the engine thread keeps it.
+struct Model {
+    sched: CpuScheduler,
+    /// Its tier counters at the last metrics update.
+    last: TierStats,
+    /// The tier configuration it was opened with.
+    tier: TierConfig,
+    /// Its experts' count and slot size.
+    layout: ExpertLayout,
+}
+
 struct EngineThread {
     options: EngineOptions,
     metrics: Arc<Metrics>,
-    models: BTreeMap<String, (CpuScheduler, TierStats)>,
+    models: BTreeMap<String, Model>,
     rx: std_mpsc::Receiver<Command>,
 }
 
@@ -216,7 +248,7 @@ impl EngineThread {
             .watchdog
             .map(crate::systemd::WatchdogFeeder::with_interval);
         loop {
-            let busy = self.models.values().any(|(s, _)| !s.is_idle());
+            let busy = self.models.values().any(|m| !m.sched.is_idle());
             let first = if busy {
                 self.rx.try_recv().ok()
             } else {
@@ -233,10 +265,10 @@ impl EngineThread {
                 }
                 next = self.rx.try_recv().ok();
             }
-            let mut resident = 0;
-            for (sched, last) in self.models.values_mut() {
-                if !sched.is_idle() {
-                    let report = sched.step();
+            let (mut device_resident, mut host_resident) = (0, 0);
+            for m in self.models.values_mut() {
+                if !m.sched.is_idle() {
+                    let report = m.sched.step();
                     self.metrics
                         .generation_tokens
                         .inc_by(report.generated as u64);
@@ -244,17 +276,24 @@ impl EngineThread {
                         .prompt_tokens
                         .inc_by(report.prefill_tokens as u64);
                 }
-                let stats = sched.runner().experts().stats();
-                self.metrics.record_cache(last, &stats);
-                *last = stats;
-                resident += sched.runner().experts().resident_bytes();
+                let stats = m.sched.runner().experts().stats();
+                self.metrics.record_cache(&m.last, &stats);
+                // Stall events for tileflow_expert_stall_seconds. Once ExpertCache has
+                // `drain_stalls()` (one event per wait), this line becomes:
+                //   let stalls = m.sched.runner_mut().experts_mut().drain_stalls();
+                let stalls = report::step_stalls(&m.last, &stats);
+                self.metrics.observe_stalls(&stalls);
+                device_resident += stats.device_resident_bytes;
+                host_resident += stats.host_resident_bytes;
+                m.last = stats;
             }
-            // One gauge for the tier: the sum over models (not the last model's value).
-            self.metrics.set_resident_bytes(resident);
-            let (waiting, running) = self
-                .models
-                .values()
-                .fold((0, 0), |(w, r), (s, _)| (w + s.load().0, r + s.load().1));
+            // One gauge per tier: the sum over models (not the last model's value).
+            self.metrics
+                .set_resident_bytes(device_resident, host_resident);
+            let (waiting, running) = self.models.values().fold((0, 0), |(w, r), m| {
+                let (mw, mr) = m.sched.load();
+                (w + mw, r + mr)
+            });
             self.metrics.requests_waiting.set(waiting as i64);
             self.metrics.requests_running.set(running as i64);
             if let Some(feeder) = watchdog.as_mut() {
@@ -274,7 +313,8 @@ impl EngineThread {
             } => {
                 let result = match self.models.get_mut(&model) {
                     None => Err(Refusal::NotLoaded(model)),
-                    Some((sched, _)) => sched
+                    Some(m) => m
+                        .sched
                         .submit(request, Box::new(ChannelSink(events)))
                         .map_err(Refusal::from),
                 };
@@ -287,37 +327,22 @@ impl EngineThread {
                 let _ = reply.send(self.models.remove(&name).is_some());
             }
             Command::Status { reply } => {
-                let status = self
+                let reports = self
                     .models
                     .iter()
-                    .map(|(name, (s, _))| {
-                        let kv = s.runner().kv_cache();
-                        let cache = s.runner().experts();
-                        let st = cache.stats();
-                        ModelStatus {
-                            name: name.clone(),
-                            waiting: s.load().0,
-                            running: s.load().1,
-                            kv_free_blocks: kv.free_blocks(),
-                            kv_blocks: kv.layout().num_blocks,
-                            expert_slots: cache.capacity(),
-                            expert_hits: st.device.hits,
-                            expert_misses: st.device.misses,
-                            expert_evictions: st.device_evictions,
-                            expert_bytes_read: st.bytes_read,
-                        }
-                    })
+                    .map(|(name, m)| report::model_report(name, &m.sched, &m.tier, m.layout))
                     .collect();
-                let _ = reply.send(status);
+                let _ = reply.send(reports);
             }
             Command::SetLimits { max_waiting } => {
                 self.options.scheduler.max_waiting = max_waiting;
-                for (s, _) in self.models.values_mut() {
-                    let mut c = s.config();
+                for m in self.models.values_mut() {
+                    let mut c = m.sched.config();
                     c.max_waiting = max_waiting;
-                    s.set_config(c);
+                    m.sched.set_config(c);
                 }
             }
+            Command::SetTier { tier } => self.options.load.tier = *tier,
             Command::Shutdown => return false,
         }
         true
@@ -326,11 +351,11 @@ impl EngineThread {
     fn load(&mut self, name: &str) -> Result<ModelInfo, String> {
         let store = Store::new(&self.options.state_dir);
         let chain = |e: &dyn std::error::Error| tileflow_engine::error_chain(e);
-        if let Some((s, _)) = self.models.get(name) {
+        if let Some(m) = self.models.get(name) {
             let created = created_of(&store, name);
             return Ok(ModelInfo {
                 name: name.to_string(),
-                tokenizer: s.tokenizer().clone(),
+                tokenizer: m.sched.tokenizer().clone(),
                 created,
             });
         }
@@ -342,9 +367,17 @@ impl EngineThread {
             tokenizer: tokenizer.clone(),
             created: created_of(&store, name),
         };
+        let layout = ExpertLayout::of(&model.manifest);
         let sched = Scheduler::new(model.runner, tokenizer, self.options.scheduler);
-        self.models
-            .insert(name.to_string(), (sched, TierStats::default()));
+        self.models.insert(
+            name.to_string(),
+            Model {
+                sched,
+                last: TierStats::default(),
+                tier: self.options.load.tier.clone(),
+                layout,
+            },
+        );
         crate::systemd::notify_status(&format!("serving {} model(s)", self.models.len()));
         Ok(info)
     }

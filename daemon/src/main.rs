@@ -57,6 +57,15 @@ struct Flags {
     /// Routed-expert slots per model, 0 = all (cache.expert_slots)
     #[arg(long, value_name = "N")]
     expert_slots: Option<usize>,
+    /// Device-tier bytes per model such as 8GiB, 0 = all experts (cache.device_bytes)
+    #[arg(long, value_name = "SIZE")]
+    device_bytes: Option<String>,
+    /// Host-tier bytes per model such as 16GiB, 0 = no host tier (cache.host_bytes)
+    #[arg(long, value_name = "SIZE")]
+    host_bytes: Option<String>,
+    /// MoE layers of router look-ahead prefetch, 0 = off (cache.prefetch_depth)
+    #[arg(long, value_name = "N")]
+    prefetch_depth: Option<usize>,
     /// Waiting requests at most before 429 (scheduler.max_waiting)
     #[arg(long, value_name = "N")]
     max_waiting: Option<usize>,
@@ -178,12 +187,26 @@ fn sources(flags: &Flags, matches: &ArgMatches) -> ConfigSources {
     }
     let numbers = [
         (flags.expert_slots, "cache.expert_slots", "--expert-slots"),
+        (
+            flags.prefetch_depth,
+            "cache.prefetch_depth",
+            "--prefetch-depth",
+        ),
         (flags.max_waiting, "scheduler.max_waiting", "--max-waiting"),
         (flags.max_running, "scheduler.max_running", "--max-running"),
     ];
     for (value, key, flag) in numbers {
         if let Some(v) = value {
             opts = opts.with_flag(key, v.to_string(), flag);
+        }
+    }
+    let sizes = [
+        (&flags.device_bytes, "cache.device_bytes", "--device-bytes"),
+        (&flags.host_bytes, "cache.host_bytes", "--host-bytes"),
+    ];
+    for (value, key, flag) in sizes {
+        if let Some(v) = value {
+            opts = opts.with_flag(key, v.clone(), flag);
         }
     }
     if let Some(addr) = &flags.metrics_listen {

@@ -8,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::time::Duration;
+
 use tileflow_engine::tier::TierStats;
 
 /// Labels of `tileflow_requests_total`.
@@ -19,12 +21,33 @@ pub struct RequestLabels {
     pub finish_reason: String,
 }
 
-/// The cache tier a lookup was answered from.
+/// The expert tier a lookup asked or a resident byte lives in.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Tier {
-    /// The host tier (the CPU backend's expert slots).
+    /// The device tier (the backend's memory: VRAM on CUDA, RAM on the CPU backend).
+    device,
+    /// The page-locked host tier between storage and the device tier.
     host,
+}
+
+/// What became of a prefetched expert.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PrefetchOutcome {
+    /// Resident when the forward pass asked for it.
+    used,
+    /// Evicted or dropped before anyone asked for it.
+    wasted,
+    /// Asked for while its read was still in flight.
+    late,
+}
+
+/// Labels of `tileflow_prefetch_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefetchLabels {
+    /// The outcome.
+    pub outcome: PrefetchOutcome,
 }
 
 /// Hit or miss.
@@ -49,7 +72,7 @@ pub struct LookupLabels {
 /// Labels of `tileflow_tile_bytes_read_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    /// The storage backend ("pread").
+    /// The storage backend ("io_uring", "pread").
     pub source: String,
 }
 
@@ -86,8 +109,18 @@ pub struct Metrics {
     pub cache_lookups: Family<LookupLabels, Counter>,
     /// Expert bytes read from storage.
     pub bytes_read: Family<SourceLabels, Counter>,
-    /// Expert slots in use, in bytes.
+    /// Expert slots in use, in bytes, per tier (summed over models).
     pub resident_bytes: Family<TierLabels, Gauge>,
+    /// Bytes copied host → device.
+    pub h2d_bytes: Counter,
+    /// Prefetched experts by outcome.
+    pub prefetch: Family<PrefetchLabels, Counter>,
+    /// Each wait of the forward pass for an expert.
+    pub expert_stall: Histogram,
+    /// Expert reads whose checksum did not match.
+    pub checksum_failures: Counter,
+    /// Expert reads that failed.
+    pub read_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -114,6 +147,12 @@ impl Metrics {
             cache_lookups: Family::default(),
             bytes_read: Family::default(),
             resident_bytes: Family::default(),
+            h2d_bytes: Counter::default(),
+            prefetch: Family::default(),
+            // 100µs × 2^k: up to 13s in 18 buckets, then +Inf.
+            expert_stall: Histogram::new(exponential_buckets(1e-4, 2.0, 18)),
+            checksum_failures: Counter::default(),
+            read_failures: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -182,6 +221,49 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             m.resident_bytes.clone(),
         );
+        // Named in full, like tile_bytes_read: `tileflow_h2d_bytes_total`.
+        r.register(
+            "h2d_bytes",
+            "Routed-expert bytes copied from the host tier to the device tier",
+            m.h2d_bytes.clone(),
+        );
+        r.register(
+            "prefetch",
+            "Prefetched routed experts by outcome: used, wasted (evicted unused) or late",
+            m.prefetch.clone(),
+        );
+        r.register_with_unit(
+            "expert_stall",
+            "Time the forward pass waited for routed experts to become resident",
+            prometheus_client::registry::Unit::Seconds,
+            m.expert_stall.clone(),
+        );
+        r.register(
+            "tile_checksum_failures",
+            "Routed-expert reads whose checksum did not match the manifest",
+            m.checksum_failures.clone(),
+        );
+        r.register(
+            "tile_read_failures",
+            "Routed-expert reads that failed (I/O errors, short files)",
+            m.read_failures.clone(),
+        );
+        // Families whose label values are known: every series from the first scrape.
+        for tier in [Tier::device, Tier::host] {
+            for result in [LookupResult::hit, LookupResult::miss] {
+                let _ = m
+                    .cache_lookups
+                    .get_or_create(&LookupLabels { tier, result });
+            }
+            let _ = m.resident_bytes.get_or_create(&TierLabels { tier });
+        }
+        for outcome in [
+            PrefetchOutcome::used,
+            PrefetchOutcome::wasted,
+            PrefetchOutcome::late,
+        ] {
+            let _ = m.prefetch.get_or_create(&PrefetchLabels { outcome });
+        }
         m
     }
 
@@ -193,29 +275,110 @@ impl Metrics {
         out
     }
 
-    /// Adds one model's expert cache progress since `last`.
+    /// Adds one model's expert tier progress since `last` (counters only move forward: a
+    /// counter that went down, as after a reload of the model, adds nothing).
     pub fn record_cache(&self, last: &TierStats, now: &TierStats) {
-        let lookup = |result| LookupLabels {
-            tier: Tier::host,
-            result,
-        };
-        self.cache_lookups
-            .get_or_create(&lookup(LookupResult::hit))
-            .inc_by(now.device.hits.saturating_sub(last.device.hits));
-        self.cache_lookups
-            .get_or_create(&lookup(LookupResult::miss))
-            .inc_by(now.device.misses.saturating_sub(last.device.misses));
-        self.bytes_read
-            .get_or_create(&SourceLabels {
-                source: "pread".into(),
-            })
-            .inc_by(now.bytes_read.saturating_sub(last.bytes_read));
+        let lookups = [
+            (Tier::device, last.device, now.device),
+            (Tier::host, last.host, now.host),
+        ];
+        for (tier, before, after) in lookups {
+            for (result, b, a) in [
+                (LookupResult::hit, before.hits, after.hits),
+                (LookupResult::miss, before.misses, after.misses),
+            ] {
+                self.cache_lookups
+                    .get_or_create(&LookupLabels { tier, result })
+                    .inc_by(a.saturating_sub(b));
+            }
+        }
+        let read = now.bytes_read.saturating_sub(last.bytes_read);
+        if read > 0 {
+            let source = if now.source.is_empty() {
+                "unknown"
+            } else {
+                now.source
+            };
+            self.bytes_read
+                .get_or_create(&SourceLabels {
+                    source: source.into(),
+                })
+                .inc_by(read);
+        }
+        self.h2d_bytes
+            .inc_by(now.h2d_bytes.saturating_sub(last.h2d_bytes));
+        let (b, a) = (last.prefetch, now.prefetch);
+        for (outcome, before, after) in [
+            (PrefetchOutcome::used, b.used, a.used),
+            (PrefetchOutcome::wasted, b.wasted, a.wasted),
+            (PrefetchOutcome::late, b.late, a.late),
+        ] {
+            self.prefetch
+                .get_or_create(&PrefetchLabels { outcome })
+                .inc_by(after.saturating_sub(before));
+        }
+        self.checksum_failures
+            .inc_by(now.checksum_failures.saturating_sub(last.checksum_failures));
+        self.read_failures
+            .inc_by(now.read_failures.saturating_sub(last.read_failures));
     }
 
-    /// Sets the bytes of routed experts resident in the host tier, summed over the models.
-    pub fn set_resident_bytes(&self, resident_bytes: u64) {
-        self.resident_bytes
-            .get_or_create(&TierLabels { tier: Tier::host })
-            .set(i64::try_from(resident_bytes).unwrap_or(i64::MAX));
+    /// Observes expert stall events (one per wait).
+    pub fn observe_stalls(&self, stalls: &[Duration]) {
+        for stall in stalls {
+            self.expert_stall.observe(stall.as_secs_f64());
+        }
+    }
+
+    /// Sets the bytes of routed experts resident per tier, each summed over the models.
+    pub fn set_resident_bytes(&self, device: u64, host: u64) {
+        for (tier, bytes) in [(Tier::device, device), (Tier::host, host)] {
+            self.resident_bytes
+                .get_or_create(&TierLabels { tier })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_families_encode_with_their_labels() {
+        let m = Metrics::new();
+        let mut now = TierStats {
+            source: "io_uring",
+            bytes_read: 8192,
+            h2d_bytes: 4096,
+            checksum_failures: 1,
+            ..TierStats::default()
+        };
+        now.device.misses = 2;
+        now.host.hits = 1;
+        now.prefetch.wasted = 3;
+        m.record_cache(&TierStats::default(), &now);
+        m.observe_stalls(&[Duration::from_micros(150)]);
+        m.set_resident_bytes(4096, 0);
+        let text = m.encode();
+        for line in [
+            "tileflow_tile_cache_lookups_total{tier=\"device\",result=\"miss\"} 2",
+            "tileflow_tile_cache_lookups_total{tier=\"host\",result=\"hit\"} 1",
+            "tileflow_tile_bytes_read_total{source=\"io_uring\"} 8192",
+            "tileflow_h2d_bytes_total 4096",
+            "tileflow_prefetch_total{outcome=\"wasted\"} 3",
+            "tileflow_prefetch_total{outcome=\"late\"} 0",
+            "tileflow_tile_checksum_failures_total 1",
+            "tileflow_tile_read_failures_total 0",
+            "tileflow_expert_stall_seconds_count 1",
+            "tileflow_expert_stall_seconds_bucket{le=\"0.0002\"} 1",
+            "tileflow_tile_cache_resident_bytes{tier=\"device\"} 4096",
+            "tileflow_tile_cache_resident_bytes{tier=\"host\"} 0",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
+        // A second model's snapshot behind the first adds only its own progress.
+        m.record_cache(&now, &now);
+        assert!(m.encode().contains("tileflow_h2d_bytes_total 4096"));
     }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tileflow_engine::model::LoadOptions;
 use tileflow_engine::store::Store;
-use tileflow_engine::tier::TierConfig;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -24,11 +23,7 @@ pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// How models are opened under `config`.
 fn load_options(config: &Config) -> LoadOptions {
     LoadOptions {
-        tier: TierConfig {
-            device_slots: (config.cache.expert_slots > 0).then_some(config.cache.expert_slots),
-            verify: config.cache.verify.into(),
-            ..TierConfig::default()
-        },
+        tier: config.tier(),
         kv: config.scheduler.kv_cache(),
         threads: (config.engine.threads > 0).then_some(config.engine.threads),
     }
@@ -164,8 +159,8 @@ fn reload(
             tracing::error!("reload: the new configuration is invalid, keeping the old one: {e}")
         }
         Ok(new) => {
-            let (live, restart) = Config::live_diff(current, &new);
-            for key in &live {
+            let diff = Config::live_diff(current, &new);
+            for key in &diff.live {
                 let applied = match *key {
                     "log.level" => set_log_level(&new.log.level),
                     "server.request_timeout" => {
@@ -186,13 +181,21 @@ fn reload(
                     Err(e) => tracing::warn!(key, "reload: not applied: {e}"),
                 }
             }
-            if !restart.is_empty() {
-                tracing::warn!(
-                    "reload: these changes take effect after a restart: {}",
-                    restart.join(", ")
+            if !diff.next_load.is_empty() {
+                // The engine thread opens models with these from now on; loaded ones keep theirs.
+                state.engine.set_tier(new.tier());
+                tracing::info!(
+                    "reload: these changes apply to models loaded after the reload: {}",
+                    diff.next_load.join(", ")
                 );
             }
-            if live.is_empty() && restart.is_empty() {
+            if !diff.restart.is_empty() {
+                tracing::warn!(
+                    "reload: these changes take effect after a restart: {}",
+                    diff.restart.join(", ")
+                );
+            }
+            if diff.is_empty() {
                 tracing::info!("reload: configuration unchanged");
             }
             *current = new;

@@ -25,6 +25,7 @@ pub struct DaemonBuilder {
     preload: Vec<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    state: Option<PathBuf>,
 }
 
 impl DaemonBuilder {
@@ -46,6 +47,19 @@ impl DaemonBuilder {
         self
     }
 
+    /// Preloads `name`, a model already in the store (see [`DaemonBuilder::state_dir`]).
+    pub fn preload(mut self, name: &str) -> DaemonBuilder {
+        self.preload.push(name.to_string());
+        self
+    }
+
+    /// Uses `state` as the state directory (a store the test prepared, such as one with a
+    /// damaged pack) instead of a fresh one; fixtures given with `model` are imported into it.
+    pub fn state_dir(mut self, state: &Path) -> DaemonBuilder {
+        self.state = Some(state.to_path_buf());
+        self
+    }
+
     /// Adds command-line arguments.
     pub fn args(mut self, args: &[&str]) -> DaemonBuilder {
         self.args.extend(args.iter().map(|a| a.to_string()));
@@ -61,7 +75,10 @@ impl DaemonBuilder {
     /// Imports the fixtures, starts the daemon and waits until `/health` answers 200.
     pub fn start(self) -> Daemon {
         let dir = temp_dir_for_socket();
-        let state = dir.path().join("state");
+        let state = self
+            .state
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         for family in &self.imports {
             tilectl_ok(
                 &state,

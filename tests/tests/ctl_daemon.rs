@@ -61,7 +61,7 @@ fn demo_runs_a_private_daemon_end_to_end() {
         .unwrap_or_else(|| panic!("no cache table:\n{}", run.stdout));
     assert!(cache_header >= 1, "{}", run.stdout);
     let row = run.stdout.lines().nth(cache_header + 1).unwrap_or_default();
-    assert!(row.starts_with("tiny") && row.contains("host"), "{row}");
+    assert!(row.starts_with("tiny") && row.contains("device"), "{row}");
     // The temporary socket and store are gone.
     let socket = run
         .stderr

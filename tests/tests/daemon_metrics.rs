@@ -13,7 +13,7 @@ use tileflow_tests::{parse_metrics, parse_response, Daemon, HttpResponse, UdsCli
 const MODEL: &str = "mixtral";
 
 /// The families the daemon must export, with their types (CONVENTIONS.md, CPU backend).
-const EXPECTED: [(&str, &str); 12] = [
+const EXPECTED: [(&str, &str); 17] = [
     ("tileflow_requests", "counter"),
     ("tileflow_prompt_tokens", "counter"),
     ("tileflow_generation_tokens", "counter"),
@@ -26,6 +26,36 @@ const EXPECTED: [(&str, &str); 12] = [
     ("tileflow_tile_cache_lookups", "counter"),
     ("tileflow_tile_bytes_read", "counter"),
     ("tileflow_tile_cache_resident_bytes", "gauge"),
+    ("tileflow_h2d_bytes", "counter"),
+    ("tileflow_prefetch", "counter"),
+    ("tileflow_expert_stall_seconds", "histogram"),
+    ("tileflow_tile_checksum_failures", "counter"),
+    ("tileflow_tile_read_failures", "counter"),
+];
+
+/// Families that may stay still in a healthy run on the CPU backend: failures (none in a
+/// healthy run), and the counters that only the host/device tier rewrite feeds (prefetch,
+/// host-to-device copies, stall waits; the single-tier cache reports none of them). Once
+/// that rewrite is merged, the last three belong in the "every family moves" check again.
+const MAY_STAY_STILL: [&str; 5] = [
+    "tileflow_tile_checksum_failures",
+    "tileflow_tile_read_failures",
+    "tileflow_prefetch",
+    "tileflow_h2d_bytes",
+    "tileflow_expert_stall_seconds",
+];
+
+/// The label sets every streaming family carries from the first scrape.
+const LABELLED: [&str; 9] = [
+    "tileflow_tile_cache_lookups_total{tier=\"device\",result=\"hit\"}",
+    "tileflow_tile_cache_lookups_total{tier=\"device\",result=\"miss\"}",
+    "tileflow_tile_cache_lookups_total{tier=\"host\",result=\"hit\"}",
+    "tileflow_tile_cache_lookups_total{tier=\"host\",result=\"miss\"}",
+    "tileflow_tile_cache_resident_bytes{tier=\"device\"}",
+    "tileflow_tile_cache_resident_bytes{tier=\"host\"}",
+    "tileflow_prefetch_total{outcome=\"used\"}",
+    "tileflow_prefetch_total{outcome=\"wasted\"}",
+    "tileflow_prefetch_total{outcome=\"late\"}",
 ];
 
 /// Metric families declared by `# TYPE` lines: name → type.
@@ -118,6 +148,12 @@ fn every_metric_moves_and_tokens_are_accounted() {
         assert!(name.starts_with("tileflow_"), "{name}");
         assert!(!name.contains(':'), "{name}");
     }
+    for series in LABELLED {
+        assert!(
+            initial.iter().any(|(k, _)| k == series),
+            "no {series}:\n{text}"
+        );
+    }
 
     // Known work, one request at a time: exact accounting.
     let mut prompt_tokens = 0.0;
@@ -174,9 +210,45 @@ fn every_metric_moves_and_tokens_are_accounted() {
         completion_tokens - requests,
         "one observation per token after the first"
     );
-    assert!(delta("tileflow_tile_cache_lookups_total{tier=\"host\",result=\"miss\"}") > 0.0);
-    assert!(delta("tileflow_tile_cache_lookups_total{tier=\"host\",result=\"hit\"}") >= 0.0);
-    assert!(delta("tileflow_tile_bytes_read_total{source=\"pread\"}") > 0.0);
+    // Counters agree with one another (never with a clock).
+    let lookups = |tier: &str, result: &str| {
+        delta(&format!(
+            "tileflow_tile_cache_lookups_total{{tier=\"{tier}\",result=\"{result}\"}}"
+        ))
+    };
+    let device_misses = lookups("device", "miss");
+    assert!(
+        lookups("device", "hit") + device_misses > 0.0,
+        "no device lookups"
+    );
+    assert!(device_misses > 0.0, "two slots and no misses");
+    // A host lookup happens only on a device miss.
+    assert!(lookups("host", "hit") + lookups("host", "miss") <= device_misses);
+    let read: f64 = now
+        .iter()
+        .filter(|(k, _)| k.starts_with("tileflow_tile_bytes_read_total{source=\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(read > 0.0, "misses but no bytes read");
+    assert!(
+        now.iter().any(
+            |(k, v)| k.starts_with("tileflow_tile_bytes_read_total{source=")
+                && *v > 0.0
+                && !k.contains("source=\"\"")
+        ),
+        "bytes read without a backend name"
+    );
+    assert!(sample(&now, "tileflow_tile_cache_resident_bytes{tier=\"device\"}") > 0.0);
+    let prefetched = ["used", "wasted", "late"]
+        .iter()
+        .map(|o| delta(&format!("tileflow_prefetch_total{{outcome=\"{o}\"}}")))
+        .sum::<f64>();
+    assert!(prefetched >= 0.0);
+    assert_eq!(delta("tileflow_tile_checksum_failures_total"), 0.0);
+    assert_eq!(delta("tileflow_tile_read_failures_total"), 0.0);
+    let stall_count = delta("tileflow_expert_stall_seconds_count");
+    let stall_inf = delta("tileflow_expert_stall_seconds_bucket{le=\"+Inf\"}");
+    assert_eq!(stall_count, stall_inf, "the +Inf bucket counts every stall");
 
     // A burst larger than the running batch: the gauges must show it while it lasts.
     let mut peaks: Vec<Vec<(String, f64)>> = Vec::new();
@@ -229,6 +301,7 @@ fn every_metric_moves_and_tokens_are_accounted() {
     let declared = families(&text);
     let dead: Vec<&String> = declared
         .iter()
+        .filter(|(name, _)| !MAY_STAY_STILL.contains(&name.as_str()))
         .filter(|(name, kind)| {
             let before = family_value(&initial, name, kind);
             !peaks.iter().any(|s| family_value(s, name, kind) != before)

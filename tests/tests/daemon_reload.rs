@@ -29,7 +29,7 @@ fn sighup_with_a_broken_config_keeps_serving_and_a_valid_one_applies() {
 
     std::fs::write(
         &config,
-        "[server]\nrequest_timeout = \"2m\"\n[engine]\nthreads = 1\n",
+        "[server]\nrequest_timeout = \"2m\"\n[engine]\nthreads = 1\n[cache]\ndevice_bytes = \"64MiB\"\n",
     )
     .unwrap();
     d.signal(Signal::SIGHUP);
@@ -42,6 +42,10 @@ fn sighup_with_a_broken_config_keeps_serving_and_a_valid_one_applies() {
         "{log}"
     );
     assert!(log.contains("engine.threads"), "{log}");
+    assert!(
+        log.contains("apply to models loaded after the reload: cache.device_bytes"),
+        "{log}"
+    );
     d.assert_serving();
     let r = d.client().post_json(
         "/v1/completions",

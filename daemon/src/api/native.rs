@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tileflow_client::native::CacheReport;
 use tileflow_engine::pack::import::CheckpointSource;
 use tileflow_engine::pack::write::{write_pack, Progress};
 use tileflow_engine::store::{Store, StoreError, StoredModel};
@@ -204,28 +205,17 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-/// `GET /api/cache`: the expert cache of each loaded model.
-pub async fn cache(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let models = state.engine.status().await;
-    let caches: Vec<Value> = models
-        .iter()
-        .map(|m| {
-            let lookups = m.expert_hits + m.expert_misses;
-            json!({
-                "model": m.name,
-                "tiers": [{
-                    "tier": "host",
-                    "slots": m.expert_slots,
-                    "hits": m.expert_hits,
-                    "misses": m.expert_misses,
-                    "hit_ratio": if lookups == 0 { 0.0 } else { m.expert_hits as f64 / lookups as f64 },
-                    "evictions": m.expert_evictions,
-                    "bytes_read": m.expert_bytes_read,
-                }],
-            })
-        })
+/// `GET /api/cache`: each loaded model's expert tiers: the configuration in effect, the
+/// device and host tiers, the storage path, prefetch outcomes, stalls and failures.
+pub async fn cache(State(state): State<Arc<AppState>>) -> Json<CacheReport> {
+    let models = state
+        .engine
+        .reports()
+        .await
+        .into_iter()
+        .map(|r| r.cache)
         .collect();
-    Json(json!({ "models": caches }))
+    Json(CacheReport { models })
 }
 
 /// `GET /health`.

@@ -4,6 +4,18 @@
 
 use super::Config;
 
+/// When a running daemon takes up a changed value (on SIGHUP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// At once.
+    Live,
+    /// For models loaded after the reload; models already loaded keep the old value until they
+    /// are unloaded and loaded again.
+    NextLoad,
+    /// Only after a restart.
+    Restart,
+}
+
 /// One key of the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConfigKey {
@@ -11,8 +23,27 @@ pub struct ConfigKey {
     pub key: &'static str,
     /// What the key does, in comment form (lines separated by `\n`).
     pub doc: &'static str,
-    /// A running daemon applies a new value on SIGHUP; otherwise a restart is needed.
-    pub live: bool,
+    /// When a changed value takes effect.
+    pub apply: Apply,
+}
+
+/// The keys whose values differ between two configurations, by when they take effect, each
+/// list in the order of [`KEYS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigDiff {
+    /// Applied at once on SIGHUP.
+    pub live: Vec<&'static str>,
+    /// Applied to models loaded after the reload.
+    pub next_load: Vec<&'static str>,
+    /// Applied after a restart.
+    pub restart: Vec<&'static str>,
+}
+
+impl ConfigDiff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.next_load.is_empty() && self.restart.is_empty()
+    }
 }
 
 impl ConfigKey {
@@ -37,7 +68,17 @@ impl ConfigKey {
 }
 
 const fn key(key: &'static str, live: bool, doc: &'static str) -> ConfigKey {
-    ConfigKey { key, doc, live }
+    let apply = if live { Apply::Live } else { Apply::Restart };
+    ConfigKey { key, doc, apply }
+}
+
+/// A key that applies to models loaded after a reload.
+const fn per_load(key: &'static str, doc: &'static str) -> ConfigKey {
+    ConfigKey {
+        key,
+        doc,
+        apply: Apply::NextLoad,
+    }
 }
 
 /// Every key, grouped by section in file order.
@@ -59,8 +100,20 @@ pub const KEYS: &[ConfigKey] = &[
     key("scheduler.kv_block_size", false, "Token slots per KV block."),
     key("models.state_dir", false, "The model store: imported tile packs, tuning results and routing profiles."),
     key("models.preload", false, "Models loaded before the daemon reports ready, such as [\"olmoe\"]."),
-    key("cache.expert_slots", false, "Routed-expert slots in the tile cache; 0 keeps every expert resident."),
-    key("cache.verify", false, "Checksum verification of expert reads: \"first\" (first read of each expert),\n\"always\" or \"never\" (raw-path benchmarks only)."),
+    per_load("cache.device_bytes", "Bytes of device-tier expert slots (VRAM on CUDA, RAM on the CPU backend), per\nloaded model: each model gets this budget. Bytes or a size such as \"8GiB\"; 0 holds\nevery expert of the model. At least one slot is always allocated."),
+    per_load("cache.expert_slots", "Device-tier expert slots per loaded model; when nonzero it overrides\ncache.device_bytes. 0 sizes the tier by cache.device_bytes."),
+    per_load("cache.host_bytes", "Bytes of page-locked host-tier slots per loaded model, between storage and the\ndevice tier. 0: no host tier, reads go through a small staging ring."),
+    per_load("cache.policy", "Eviction policy of both tiers: \"lru\" (least recently used) or \"lfru\" (least\nfrequently used with decay, recency breaking ties: hot experts survive a burst of\ncold ones)."),
+    per_load("cache.verify", "Checksum verification of expert reads: \"first\" (first read of each expert),\n\"always\" or \"never\" (raw-path benchmarks only)."),
+    per_load("cache.tile_size", "I/O and DMA unit: an expert is read as ceil(bytes / tile_size) tiles, each copied\nto the device as it lands. A positive multiple of 4096 (\"4KiB\"), at most 1GiB."),
+    per_load("cache.prefetch_depth", "MoE layers ahead whose experts the prefetcher predicts after each router (router\nlook-ahead); 0 turns prefetch off."),
+    per_load("cache.prefetch_rate", "Prefetch pacing, per loaded model: bytes per second the token bucket refills\n(\"2GB\" reads as 2 GB/s); 0: no rate limit, only cache.prefetch_burst. Demand\nreads never wait for the bucket."),
+    per_load("cache.prefetch_burst", "Prefetch bytes in flight at most per loaded model (the token bucket's depth); at\nleast cache.tile_size while prefetch is on."),
+    per_load("cache.pin", "Experts kept in the device tier from load on and never evicted, as\n\"LAYER:EXPERT\" strings: [\"0:3\", \"1:7\"] (or \"0:3,1:7\" in the environment).\nPinned slots count against the device budget of every model loaded."),
+    per_load("storage.backend", "Storage backend reading experts.tiles: \"auto\" (io_uring when the kernel allows\nit, else pread), \"io_uring\" (a model fails to load without it) or \"pread\"."),
+    per_load("storage.queue_depth", "Reads in flight at most per loaded model (io_uring ring size, pread threads),\n1 to 4096."),
+    per_load("storage.sqpoll", "io_uring: a kernel thread polls the submission queue (IORING_SETUP_SQPOLL);\nlower latency for a busy CPU core."),
+    per_load("storage.direct", "Open packs with O_DIRECT, bypassing the page cache; filesystems that refuse it\n(tmpfs) fall back to buffered reads, which /api/cache reports."),
     key("log.level", true, "Log filter in tracing EnvFilter syntax: \"info\", \"debug\",\n\"info,tileflow_engine=debug\"."),
     key("log.format", false, "Log line format: \"text\" or \"json\"."),
 ];
@@ -74,7 +127,11 @@ const SECTIONS: &[(&str, &str)] = &[
     ("engine", "The compute device."),
     ("scheduler", "Continuous batching and the paged KV cache."),
     ("models", "The model store and the models loaded at start."),
-    ("cache", "The expert tile cache."),
+    (
+        "cache",
+        "The expert tiers of each loaded model. Every budget is per model, and a change\n# applies to models loaded after the reload (or restart).",
+    ),
+    ("storage", "How expert tiles are read from storage (per loaded model)."),
     (
         "log",
         "Logging (to stderr, which systemd sends to the journal).",
@@ -92,7 +149,8 @@ const DEFAULT_HEADER: &str = "\
 #
 # Sizes are bytes or take a unit (\"64KiB\", \"1MB\"); durations are seconds or take a unit
 # (\"30s\", \"10m\", \"1h30m\"). Keys marked (live) are applied on SIGHUP (systemctl reload
-# tileflowd); the others need a restart.
+# tileflowd); keys marked (next load) apply on SIGHUP to models loaded after the reload;
+# the others need a restart.
 ";
 
 /// Looks up a key by section and name.
@@ -135,9 +193,11 @@ pub(crate) fn render(
                 out.push_str(line);
                 out.push('\n');
             }
-            if key.live {
+            match key.apply {
                 // Mark the last doc line: "… cancelled. (live)".
-                out.insert_str(out.len() - 1, " (live)");
+                Apply::Live => out.insert_str(out.len() - 1, " (live)"),
+                Apply::NextLoad => out.insert_str(out.len() - 1, " (next load)"),
+                Apply::Restart => {}
             }
             let value = lookup(&table, key)
                 .map(ToString::to_string)
@@ -153,15 +213,15 @@ pub(crate) fn render(
 }
 
 /// See [`Config::live_diff`].
-pub(crate) fn live_diff(old: &Config, new: &Config) -> (Vec<&'static str>, Vec<&'static str>) {
+pub(crate) fn live_diff(old: &Config, new: &Config) -> ConfigDiff {
     let (old, new) = (to_table(old), to_table(new));
-    let (mut live, mut restart) = (Vec::new(), Vec::new());
+    let mut diff = ConfigDiff::default();
     for k in KEYS.iter().filter(|k| lookup(&old, k) != lookup(&new, k)) {
-        if k.live {
-            live.push(k.key);
-        } else {
-            restart.push(k.key);
+        match k.apply {
+            Apply::Live => diff.live.push(k.key),
+            Apply::NextLoad => diff.next_load.push(k.key),
+            Apply::Restart => diff.restart.push(k.key),
         }
     }
-    (live, restart)
+    diff
 }

@@ -4,6 +4,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tileflow_engine::tier::Verify;
+
 use super::keys::to_table;
 use super::*;
 
@@ -339,9 +341,9 @@ fn validation_errors_name_the_key_and_its_origin() {
 }
 
 #[test]
-fn live_diff_splits_live_and_restart_keys() {
+fn live_diff_splits_live_next_load_and_restart_keys() {
     let old = Config::default();
-    assert_eq!(Config::live_diff(&old, &old), (vec![], vec![]));
+    assert!(Config::live_diff(&old, &old).is_empty());
     let mut new = old.clone();
     new.log.level = "debug".into();
     new.server.request_timeout = HumanDuration(Duration::from_secs(5));
@@ -351,9 +353,11 @@ fn live_diff_splits_live_and_restart_keys() {
     new.scheduler.max_running = 2;
     new.server.socket = "/elsewhere.sock".into();
     new.models.preload = vec!["x".into()];
-    let (live, restart) = Config::live_diff(&old, &new);
+    new.cache.device_bytes = ByteSize(64 << 20);
+    new.storage.backend = StorageBackend::Pread;
+    let diff = Config::live_diff(&old, &new);
     assert_eq!(
-        live,
+        diff.live,
         [
             "server.request_timeout",
             "server.drain_grace",
@@ -362,12 +366,27 @@ fn live_diff_splits_live_and_restart_keys() {
             "log.level"
         ]
     );
+    assert_eq!(diff.next_load, ["cache.device_bytes", "storage.backend"]);
     assert_eq!(
-        restart,
+        diff.restart,
         ["server.socket", "scheduler.max_running", "models.preload"]
     );
-    let live_keys: Vec<_> = KEYS.iter().filter(|k| k.live).map(|k| k.key).collect();
+    let live_keys: Vec<_> = KEYS
+        .iter()
+        .filter(|k| k.apply == Apply::Live)
+        .map(|k| k.key)
+        .collect();
     assert_eq!(live_keys.len(), 5);
+    // Every [cache] and [storage] key applies at the next model load, and says so.
+    for k in KEYS
+        .iter()
+        .filter(|k| matches!(k.section(), "cache" | "storage"))
+    {
+        assert_eq!(k.apply, Apply::NextLoad, "{}", k.key);
+    }
+    let text = Config::default_toml();
+    assert!(text.contains("(next load)\ndevice_bytes = "), "{text}");
+    assert!(text.contains("per\n# loaded model"), "{text}");
 }
 
 #[test]
@@ -379,4 +398,186 @@ fn engine_views_carry_the_values() {
     assert_eq!(c.scheduler.kv_cache().block_size, 16);
     assert_eq!(c.scheduler.limits().max_waiting, 3);
     assert_eq!(Verify::from(CacheVerify::Always), Verify::Always);
+}
+
+#[test]
+fn cache_and_storage_keys_from_file_drop_in_and_env() {
+    let files = Files::new(Some(
+        "[cache]\ndevice_bytes = \"8GiB\"\nhost_bytes = 1048576\npolicy = \"lfru\"\n\
+         pin = [\"0:3\", \"1:7\"]\n[storage]\nbackend = \"io_uring\"\nqueue_depth = 64\n",
+    ));
+    files.drop_in(
+        "10-tiles.toml",
+        "[cache]\ntile_size = \"256KiB\"\nprefetch_rate = \"2GB\"\n[storage]\ndirect = false\n",
+    );
+    let mut opts = files.opts();
+    opts.env = env(&[
+        ("TILEFLOW_CACHE__HOST_BYTES", "16GiB"),
+        ("TILEFLOW_CACHE__PREFETCH_DEPTH", "2"),
+        ("TILEFLOW_STORAGE__SQPOLL", "true"),
+    ]);
+    let loaded = Config::load_detailed(&opts).unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.cache.device_bytes.bytes(), 8 << 30);
+    assert_eq!(c.cache.host_bytes.bytes(), 16 << 30);
+    assert_eq!(c.cache.policy, CachePolicy::Lfru);
+    assert_eq!(c.cache.tile_size.bytes(), 256 << 10);
+    assert_eq!(c.storage.backend, StorageBackend::IoUring);
+    assert_eq!(
+        (c.storage.queue_depth, c.storage.sqpoll, c.storage.direct),
+        (64, true, false)
+    );
+    assert_eq!(
+        loaded.origin("cache.host_bytes"),
+        &Origin::Env("TILEFLOW_CACHE__HOST_BYTES".into())
+    );
+    assert!(loaded
+        .origin("cache.tile_size")
+        .to_string()
+        .ends_with("10-tiles.toml:2"));
+
+    let tier = c.tier();
+    assert_eq!(tier.device_bytes, Some(8 << 30));
+    assert_eq!(tier.device_slots, None);
+    assert_eq!(tier.host_bytes, 16 << 30);
+    assert_eq!(tier.policy, tileflow_engine::tier::EvictionPolicy::Lfru);
+    assert_eq!(tier.tile_size, 256 << 10);
+    assert_eq!(tier.pinned, [(0, 3), (1, 7)]);
+    assert_eq!(tier.prefetch_depth, 2);
+    assert_eq!(tier.prefetch_rate_bytes, 2_000_000_000);
+    assert_eq!(tier.prefetch_burst_bytes, 256 << 20);
+    assert_eq!(tier.io.backend, tileflow_spdk::BackendChoice::IoUring);
+    assert_eq!(
+        (tier.io.queue_depth, tier.io.sqpoll, tier.io.direct),
+        (64, true, false)
+    );
+}
+
+#[test]
+fn device_bytes_from_env_and_flags_and_defaults_map_to_all_experts() {
+    let mut opts = ConfigSources {
+        default_config: PathBuf::from("/nonexistent/tileflowd.toml"),
+        env: env(&[
+            ("TILEFLOW_CACHE__DEVICE_BYTES", "64MiB"),
+            ("TILEFLOW_CACHE__PIN", "2:5, 0:1"),
+        ]),
+        ..ConfigSources::default()
+    };
+    let c = Config::load(&opts).unwrap();
+    assert_eq!(c.tier().device_bytes, Some(64 << 20));
+    assert_eq!(c.tier().pinned, [(2, 5), (0, 1)]);
+    opts.env = env(&[("TILEFLOW_CACHE__DEVICE_BYTES", "1048576")]);
+    assert_eq!(
+        Config::load(&opts).unwrap().cache.device_bytes.bytes(),
+        1 << 20
+    );
+    let opts = opts
+        .with_flag("cache.device_bytes", "0", "--device-bytes")
+        .with_flag("cache.expert_slots", "3", "--expert-slots");
+    let loaded = Config::load_detailed(&opts).unwrap();
+    assert_eq!(
+        loaded.origin("cache.device_bytes"),
+        &Origin::Flag("--device-bytes")
+    );
+    let tier = loaded.config.tier();
+    assert_eq!((tier.device_bytes, tier.device_slots), (None, Some(3)));
+
+    let defaults = Config::default().tier();
+    let engine = tileflow_engine::tier::TierConfig::default();
+    assert_eq!(defaults, engine, "the config's defaults are the engine's");
+}
+
+#[test]
+fn bad_cache_and_storage_values_name_the_key() {
+    let mut opts = ConfigSources {
+        default_config: PathBuf::from("/nonexistent/tileflowd.toml"),
+        ..ConfigSources::default()
+    };
+    let cases = [
+        (
+            "TILEFLOW_CACHE__DEVICE_BYTES",
+            "lots",
+            "cache.device_bytes:",
+        ),
+        (
+            "TILEFLOW_CACHE__HOST_BYTES",
+            "8G",
+            "cache.host_bytes: unknown size unit `G`",
+        ),
+        (
+            "TILEFLOW_CACHE__POLICY",
+            "fifo",
+            "cache.policy: unknown variant `fifo`",
+        ),
+        ("TILEFLOW_CACHE__PIN", "3", "cache.pin:"),
+        (
+            "TILEFLOW_CACHE__PIN",
+            "a:b",
+            "cache.pin: \"a:b\" is not an expert",
+        ),
+        (
+            "TILEFLOW_STORAGE__BACKEND",
+            "spdk",
+            "storage.backend: unknown variant `spdk`",
+        ),
+        ("TILEFLOW_STORAGE__DIRECT", "maybe", "storage.direct:"),
+    ];
+    for (var, value, want) in cases {
+        opts.env = env(&[(var, value)]);
+        let err = load_err(&opts);
+        assert!(
+            err.starts_with(&format!("environment variable {var}: {want}")),
+            "{var}={value}: {err}"
+        );
+    }
+    let files = Files::new(Some(""));
+    let cases = [
+        (
+            "[cache]\ntile_size = 1000\n",
+            "cache.tile_size (1KB) must be a positive multiple of 4096",
+        ),
+        (
+            "[cache]\ntile_size = 0\n",
+            "cache.tile_size (0B) must be a positive multiple of 4096",
+        ),
+        (
+            "[cache]\ntile_size = \"2GiB\"\n",
+            "cache.tile_size (2GiB) must be at most 1GiB",
+        ),
+        (
+            "[cache]\nprefetch_burst = \"4KiB\"\n",
+            "cache.prefetch_burst (4KiB) is smaller than cache.tile_size (1MiB)",
+        ),
+        (
+            "[cache]\npin = [\"1:2\", \"1:2\"]\n",
+            "cache.pin names \"1:2\" twice",
+        ),
+        (
+            "[storage]\nqueue_depth = 0\n",
+            "storage.queue_depth (0) must be between 1 and 4096",
+        ),
+    ];
+    for (text, want) in cases {
+        fs::write(files.path(), text).unwrap();
+        let err = Config::load(&files.opts()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with(want), "{text:?}: {msg}");
+        assert!(msg.contains("(set in "), "{msg}");
+    }
+    // Prefetch off: a small burst is fine.
+    fs::write(
+        files.path(),
+        "[cache]\nprefetch_depth = 0\nprefetch_burst = 0\n",
+    )
+    .unwrap();
+    Config::load(&files.opts()).unwrap();
+    let err = load_err(
+        &files
+            .opts()
+            .with_flag("cache.host_bytes", "-1", "--host-bytes"),
+    );
+    assert!(
+        err.starts_with("flag --host-bytes: cache.host_bytes:"),
+        "{err}"
+    );
 }
