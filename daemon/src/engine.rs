@@ -21,7 +21,6 @@ use crate::metrics::Metrics;
 
 mod report;
 
-use report::ExpertLayout;
 pub use report::ModelReport;
 
 /// What the API side needs of a loaded model without asking the engine thread.
@@ -224,8 +223,6 @@ struct Model {
     last: TierStats,
     /// The tier configuration it was opened with.
     tier: TierConfig,
-    /// Its experts' count and slot size.
-    layout: ExpertLayout,
 }
 
 struct EngineThread {
@@ -278,10 +275,8 @@ impl EngineThread {
                 }
                 let stats = m.sched.runner().experts().stats();
                 self.metrics.record_cache(&m.last, &stats);
-                // Stall events for tileflow_expert_stall_seconds. Once ExpertCache has
-                // `drain_stalls()` (one event per wait), this line becomes:
-                //   let stalls = m.sched.runner_mut().experts_mut().drain_stalls();
-                let stalls = report::step_stalls(&m.last, &stats);
+                // One event per wait for tileflow_expert_stall_seconds.
+                let stalls = m.sched.runner_mut().experts_mut().drain_stalls();
                 self.metrics.observe_stalls(&stalls);
                 device_resident += stats.device_resident_bytes;
                 host_resident += stats.host_resident_bytes;
@@ -330,7 +325,7 @@ impl EngineThread {
                 let reports = self
                     .models
                     .iter()
-                    .map(|(name, m)| report::model_report(name, &m.sched, &m.tier, m.layout))
+                    .map(|(name, m)| report::model_report(name, &m.sched, &m.tier))
                     .collect();
                 let _ = reply.send(reports);
             }
@@ -367,7 +362,6 @@ impl EngineThread {
             tokenizer: tokenizer.clone(),
             created: created_of(&store, name),
         };
-        let layout = ExpertLayout::of(&model.manifest);
         let sched = Scheduler::new(model.runner, tokenizer, self.options.scheduler);
         self.models.insert(
             name.to_string(),
@@ -375,7 +369,6 @@ impl EngineThread {
                 sched,
                 last: TierStats::default(),
                 tier: self.options.load.tier.clone(),
-                layout,
             },
         );
         crate::systemd::notify_status(&format!("serving {} model(s)", self.models.len()));

@@ -216,6 +216,11 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
         &self.runner
     }
 
+    /// The model runner, mutable (to drain the expert cache's stall events between steps).
+    pub fn runner_mut(&mut self) -> &mut ModelRunner<B, P> {
+        &mut self.runner
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer

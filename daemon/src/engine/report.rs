@@ -1,17 +1,10 @@
 //! What the engine thread reports about a loaded model: its `/api/status` row and its
 //! `/api/cache` entry, built from the tier's counters ([`TierStats`]) and the tier
 //! configuration the model was opened with ([`TierConfig`]).
-//!
-//! Some facts are not yet exposed by the expert cache itself; where so, the value comes from
-//! the configuration or the manifest, and the function that computes it says which (see
-//! [`ExpertLayout`] and [`storage`]).
-
-use std::time::Duration;
+//! and what the cache says of itself ([`CacheFacts`]).
 
 use tileflow_client::native::{ModelCache, ModelStatus, PrefetchCache, StorageCache, TierCache};
-use tileflow_engine::pack::manifest::Manifest;
 use tileflow_engine::tier::{Lookups, TierConfig, TierStats};
-use tileflow_spdk::BackendChoice;
 
 use super::CpuScheduler;
 
@@ -24,47 +17,42 @@ pub struct ModelReport {
     pub cache: ModelCache,
 }
 
-/// The shape of a model's routed experts, read from its manifest at load: what slot sizes
-/// follow from (until the cache reports its own slot size).
+/// What the expert cache itself says about its tiers (as opened, not as configured).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExpertLayout {
-    /// Routed experts in the model.
-    pub experts: usize,
-    /// Bytes of the largest expert: one slot holds any expert.
+pub struct CacheFacts {
+    /// Device-tier slots the forward pass can use.
+    pub device_slots: usize,
+    /// Host-tier slots (0: staging ring only).
+    pub host_slots: usize,
+    /// Bytes of one slot.
     pub slot_bytes: u64,
+    /// Storage backend in use.
+    pub backend: &'static str,
+    /// Whether reads bypass the page cache.
+    pub direct: bool,
 }
 
-impl ExpertLayout {
-    /// The layout of `manifest`'s experts.
-    pub fn of(manifest: &Manifest) -> ExpertLayout {
-        ExpertLayout {
-            experts: manifest.experts.len(),
-            slot_bytes: manifest.experts.iter().map(|e| e.bytes).max().unwrap_or(0),
-        }
-    }
-
-    /// Slots that fit in `bytes` (at least one when bytes are given).
-    fn slots_in(self, bytes: u64) -> usize {
-        match (bytes, self.slot_bytes) {
-            (0, _) => 0,
-            (_, 0) => self.experts,
-            (b, s) => usize::try_from((b / s).max(1)).unwrap_or(usize::MAX),
+impl CacheFacts {
+    /// The facts of a loaded model's cache.
+    pub fn of(cache: &tileflow_engine::tier::ExpertCache) -> CacheFacts {
+        CacheFacts {
+            device_slots: cache.capacity(),
+            host_slots: cache.host_slots(),
+            slot_bytes: cache.slot_bytes() as u64,
+            backend: cache.backend().as_str(),
+            direct: cache.direct(),
         }
     }
 }
 
 /// The report of the model `name`, opened with `tier`.
-pub fn model_report(
-    name: &str,
-    sched: &CpuScheduler,
-    tier: &TierConfig,
-    layout: ExpertLayout,
-) -> ModelReport {
+pub fn model_report(name: &str, sched: &CpuScheduler, tier: &TierConfig) -> ModelReport {
     let (waiting, running) = sched.load();
     let kv = sched.runner().kv_cache();
     let cache = sched.runner().experts();
     let stats = cache.stats();
-    let device_slots = cache.capacity();
+    let facts = CacheFacts::of(cache);
+    let device_slots = facts.device_slots;
     let status = ModelStatus {
         name: name.to_string(),
         waiting,
@@ -77,22 +65,19 @@ pub fn model_report(
         expert_evictions: stats.device_evictions,
         expert_bytes_read: stats.bytes_read,
     };
-    let cache = model_cache(name, tier, layout, device_slots, &stats);
+    let cache = model_cache(name, tier, facts, &stats);
     ModelReport { status, cache }
 }
 
-/// The `/api/cache` entry of a model with `device_slots` device-tier slots.
+/// The `/api/cache` entry of a model opened with `tier` whose cache reports `facts`.
 pub fn model_cache(
     name: &str,
     tier: &TierConfig,
-    layout: ExpertLayout,
-    device_slots: usize,
+    facts: CacheFacts,
     stats: &TierStats,
 ) -> ModelCache {
-    // Slot size and host slots follow from the manifest and the configuration until the cache
-    // exposes its own (`ExpertCache::slot_bytes`, `ExpertCache::host_slots`).
-    let slot_bytes = layout.slot_bytes;
-    let host_slots = layout.slots_in(tier.host_bytes).min(layout.experts);
+    let (slot_bytes, host_slots, device_slots) =
+        (facts.slot_bytes, facts.host_slots, facts.device_slots);
     let device = TierCache {
         resident_bytes: stats.device_resident_bytes,
         resident_experts: stats.device_resident_experts,
@@ -112,7 +97,11 @@ pub fn model_cache(
         tile_size: tier.tile_size as u64,
         prefetch_depth: tier.prefetch_depth,
         pinned_experts: tier.pinned.len(),
-        storage: storage(tier, stats),
+        storage: StorageCache {
+            backend: facts.backend.to_string(),
+            direct: facts.direct,
+            queue_depth: tier.io.queue_depth,
+        },
         tiers: vec![device, host],
         bytes_read: stats.bytes_read,
         h2d_bytes: stats.h2d_bytes,
@@ -146,41 +135,10 @@ fn tier_cache(name: &str, slots: usize, slot_bytes: u64, lookups: Lookups) -> Ti
     }
 }
 
-/// The storage path: the backend the tier names in its counters (the one in use), else the
-/// configured one; `direct` as configured until the cache reports whether the file was really
-/// opened with O_DIRECT (`ExpertCache::direct`, from `ReadQueue::direct`).
-fn storage(tier: &TierConfig, stats: &TierStats) -> StorageCache {
-    let backend = if stats.source.is_empty() {
-        match tier.io.backend {
-            BackendChoice::Auto => "auto",
-            BackendChoice::IoUring => "io_uring",
-            BackendChoice::Pread => "pread",
-        }
-    } else {
-        stats.source
-    };
-    StorageCache {
-        backend: backend.to_string(),
-        direct: tier.io.direct,
-        queue_depth: tier.io.queue_depth,
-    }
-}
-
-/// Stall events between two snapshots of a model's counters: the step's added stall time as
-/// one event when nonzero. An interim for the histogram until the tier reports each wait
-/// (`ExpertCache::drain_stalls`).
-pub fn step_stalls(last: &TierStats, now: &TierStats) -> Vec<Duration> {
-    let added = now.stall.saturating_sub(last.stall);
-    if added.is_zero() {
-        Vec::new()
-    } else {
-        vec![added]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn cache_entry_carries_config_and_counters() {
@@ -199,11 +157,14 @@ mod tests {
         stats.host.misses = 1;
         stats.prefetch.late = 2;
         stats.stall = Duration::from_millis(1500);
-        let layout = ExpertLayout {
-            experts: 8,
+        let facts = CacheFacts {
+            device_slots: 2,
+            host_slots: 2,
             slot_bytes: 4096,
+            backend: "io_uring",
+            direct: true,
         };
-        let c = model_cache("m", &tier, layout, 2, &stats);
+        let c = model_cache("m", &tier, facts, &stats);
         assert_eq!((c.policy.as_str(), c.tile_size), ("lru", 1 << 20));
         assert_eq!(c.storage.backend, "io_uring");
         assert_eq!(c.pinned_experts, 1);
@@ -214,29 +175,5 @@ mod tests {
         assert_eq!((c.tiers[1].slots, c.tiers[1].budget_bytes), (2, 10_000));
         assert_eq!((c.bytes_read, c.prefetch.late), (77, 2));
         assert!((c.stall_seconds - 1.5).abs() < 1e-12);
-    }
-
-    #[test]
-    fn configured_backend_stands_in_until_the_tier_names_one() {
-        let mut tier = TierConfig::default();
-        tier.io.backend = BackendChoice::Pread;
-        let c = model_cache(
-            "m",
-            &tier,
-            ExpertLayout::default(),
-            1,
-            &TierStats::default(),
-        );
-        assert_eq!(c.storage.backend, "pread");
-        assert_eq!(c.tiers[1].slots, 0);
-    }
-
-    #[test]
-    fn a_step_with_stall_time_is_one_event() {
-        let last = TierStats::default();
-        let mut now = last.clone();
-        assert!(step_stalls(&last, &now).is_empty());
-        now.stall = Duration::from_millis(3);
-        assert_eq!(step_stalls(&last, &now), [Duration::from_millis(3)]);
     }
 }

@@ -395,6 +395,16 @@ impl<M: TierMemory> ExpertCache<M> {
         self.slot_bytes
     }
 
+    /// The storage backend reading this model's experts.
+    pub fn backend(&self) -> tileflow_spdk::IoBackend {
+        self.queue.backend()
+    }
+
+    /// Whether experts.tiles is read with `O_DIRECT` (false where the filesystem refused it).
+    pub fn direct(&self) -> bool {
+        self.queue.direct()
+    }
+
     /// Slots of the host tier (0: reads go through the staging ring).
     pub fn host_slots(&self) -> usize {
         self.host.len()
