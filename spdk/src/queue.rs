@@ -130,6 +130,8 @@ pub(crate) struct QueueFile {
     pub(crate) file: File,
     pub(crate) path: PathBuf,
     pub(crate) len: u64,
+    /// Opened with `O_DIRECT`: reads must stay in whole blocks.
+    pub(crate) direct: bool,
 }
 
 /// What a storage thread receives.
@@ -332,6 +334,7 @@ fn open_files(paths: &[&Path], direct: bool) -> Result<(Vec<QueueFile>, bool), S
             file,
             path: path.to_path_buf(),
             len: meta.len(),
+            direct: d,
         });
     }
     Ok((out, use_direct))
