@@ -2,8 +2,9 @@
 //!
 //! A thin client of `tileflowd` (`status`, `ps`, `metrics`, `model …`, `run`), with offline
 //! forms of the model commands and `run` that act on the store directly (`--offline`,
-//! `--state-dir`), and a `demo` that starts its own daemon.
+//! `--state-dir`), a `demo` that starts its own daemon, and `bench`, which measures the machine.
 
+mod bench_io;
 mod chat;
 mod cli;
 mod demo;
@@ -20,7 +21,7 @@ use anyhow::bail;
 use clap::Parser;
 use tileflow_client::ClientError;
 
-use crate::cli::{Cli, Command, ModelCommand};
+use crate::cli::{BenchCommand, Cli, Command, ModelCommand};
 
 /// Where a command acts: the rule of "Where commands act" in `--help`.
 #[derive(Debug)]
@@ -96,6 +97,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Place::Store(dir) => run::demo(&dir, args),
             Place::Daemon(_) => demo::demo(args),
         },
+        Command::Bench {
+            command: BenchCommand::Io(args),
+        } => bench_io::run(&store, args),
         Command::Completions { shell } => cli::completions(shell),
         Command::Man { dir } => cli::man(&dir),
     }
