@@ -76,7 +76,7 @@ pub enum Command {
     /// Chat with a model (interactive, or lines piped on stdin), or complete --prompt; streamed
     /// through the daemon, or offline on the CPU backend with --offline / --state-dir.
     Run(RunArgs),
-    /// Benchmarks, offline on the store (no daemon).
+    /// Measure this machine and the store's models (always local, never through the daemon).
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
@@ -144,6 +144,9 @@ pub enum BenchCommand {
     /// Generate with routed experts streaming through a small expert cache, once per prefetch
     /// depth: tokens/s, stall per token, prefetch outcomes, look-ahead recall, bytes read.
     Stream(BenchStreamArgs),
+    /// Storage -> host -> device bandwidth against tile size and queue depth, for each storage
+    /// backend, beside plain sequential O_DIRECT pread (the input of the tuner).
+    Io(BenchIoArgs),
 }
 
 /// `tilectl bench stream`.
@@ -176,6 +179,67 @@ pub struct BenchStreamArgs {
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub threads: Option<usize>,
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A storage backend `bench io` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchBackend {
+    /// io_uring, O_DIRECT, registered buffers.
+    #[value(name = "io_uring")]
+    IoUring,
+    /// The pread thread pool.
+    Pread,
+}
+
+/// `tilectl bench io`.
+#[derive(Debug, Args)]
+pub struct BenchIoArgs {
+    /// Read this stored model's experts.tiles (the store as for offline commands).
+    #[arg(conflicts_with_all = ["file", "size"])]
+    pub model: Option<String>,
+    /// Read this file.
+    #[arg(long, value_name = "PATH", conflicts_with = "size")]
+    pub file: Option<PathBuf>,
+    /// Without MODEL or --file: write a temporary file of this many random bytes (removed
+    /// afterwards).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = byte_size)]
+    pub size: u64,
+    /// Directory for the temporary file [default: the state directory if it exists, else the
+    /// system temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Tile sizes (I/O unit), multiples of 4KiB.
+    #[arg(
+        long,
+        value_name = "SIZES",
+        value_delimiter = ',',
+        default_value = "256KiB,1MiB,4MiB",
+        value_parser = byte_size
+    )]
+    pub tile_sizes: Vec<u64>,
+    /// Queue depths (reads in flight).
+    #[arg(
+        long,
+        value_name = "DEPTHS",
+        value_delimiter = ',',
+        default_value = "1,4,16,32",
+        value_parser = positive_depth
+    )]
+    pub queue_depths: Vec<u32>,
+    /// Storage backends.
+    #[arg(
+        long,
+        value_name = "NAMES",
+        value_delimiter = ',',
+        default_value = "io_uring,pread"
+    )]
+    pub backends: Vec<BenchBackend>,
+    /// Bytes read per point [default: the whole file, at most 1GiB].
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
+    pub bytes: Option<u64>,
+    /// Print every point as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -296,6 +360,49 @@ fn positive_count(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A queue depth: 1 to 4096.
+fn positive_depth(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n @ 1..=4096) => Ok(n),
+        Ok(_) => Err("must be from 1 to 4096".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A byte count: an integer, optionally with a unit: `B`, binary `KiB`, `MiB`, `GiB`, `TiB` or
+/// decimal `KB`, `MB`, `GB`, `TB` (any case). Bare `K`/`M`/`G` are refused, as in the daemon's
+/// config, because tools disagree on whether they mean 1000 or 1024.
+pub fn byte_size(text: &str) -> Result<u64, String> {
+    const UNITS: [(&str, u64); 9] = [
+        ("b", 1),
+        ("kb", 1000),
+        ("mb", 1000 * 1000),
+        ("gb", 1000 * 1000 * 1000),
+        ("tb", 1000 * 1000 * 1000 * 1000),
+        ("kib", 1 << 10),
+        ("mib", 1 << 20),
+        ("gib", 1 << 30),
+        ("tib", 1 << 40),
+    ];
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let multiplier = UNITS
+        .iter()
+        .find(|(name, _)| unit.is_empty() || name.eq_ignore_ascii_case(unit))
+        .map(|&(_, m)| m)
+        .ok_or_else(|| {
+            format!(
+                "unknown size unit `{unit}` in \"{text}\" (use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
+            )
+        })?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size such as 4096 or \"1MiB\""))?;
+    n.checked_mul(multiplier)
+        .ok_or_else(|| format!("\"{text}\" is more bytes than fit in 64 bits"))
+}
+
 /// Prints completions for `shell` to stdout.
 pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
     // Generated into memory first: clap_complete panics on a failed write, and a reader that
@@ -332,6 +439,43 @@ mod tests {
         assert_eq!(cli.state_dir.as_deref(), Some(Path::new("/s")));
         let cli = Cli::try_parse_from(["tilectl", "run", "m", "--offline", "-p", "x"]).unwrap();
         assert!(cli.offline);
+    }
+
+    #[test]
+    fn bench_io_lists_parse_with_units() {
+        let cli = Cli::try_parse_from([
+            "tilectl",
+            "bench",
+            "io",
+            "--tile-sizes",
+            "64KiB,1MiB,4096",
+            "--queue-depths",
+            "1,4",
+            "--backends",
+            "pread",
+        ])
+        .unwrap();
+        let Command::Bench {
+            command: BenchCommand::Io(args),
+        } = cli.command
+        else {
+            panic!("not bench io")
+        };
+        assert_eq!(args.tile_sizes, [64 << 10, 1 << 20, 4096]);
+        assert_eq!(args.queue_depths, [1, 4]);
+        assert_eq!(args.backends, [BenchBackend::Pread]);
+        assert_eq!(args.size, 1 << 30);
+        assert!(args.model.is_none() && args.file.is_none() && args.bytes.is_none());
+        assert_eq!(byte_size("2GB"), Ok(2_000_000_000));
+        for bad in ["1G", "x", "", "1.5MiB", "99999999999TiB"] {
+            assert!(byte_size(bad).is_err(), "{bad}");
+        }
+        for bad in [["--queue-depths", "0"], ["--backends", "spdk"]] {
+            let mut argv = vec!["tilectl", "bench", "io"];
+            argv.extend(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+        assert!(Cli::try_parse_from(["tilectl", "bench", "io", "m", "--file", "/f"]).is_err());
     }
 
     #[test]

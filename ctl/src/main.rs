@@ -2,8 +2,9 @@
 //!
 //! A thin client of `tileflowd` (`status`, `ps`, `metrics`, `model …`, `run`), with offline
 //! forms of the model commands and `run` that act on the store directly (`--offline`,
-//! `--state-dir`), and a `demo` that starts its own daemon.
+//! `--state-dir`), a `demo` that starts its own daemon, and `bench`, which measures the machine.
 
+mod bench_io;
 mod bench_stream;
 mod chat;
 mod cli;
@@ -99,6 +100,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Bench { command } => match command {
             BenchCommand::Stream(args) => bench_stream::run(&store, args),
+            BenchCommand::Io(args) => bench_io::run(&store, args),
         },
         Command::Completions { shell } => cli::completions(shell),
         Command::Man { dir } => cli::man(&dir),
