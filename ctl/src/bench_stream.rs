@@ -125,6 +125,15 @@ fn run_depth(
     options.tier.device_bytes = args.device_bytes;
     options.tier.host_bytes = args.host_bytes;
     options.tier.prefetch_depth = depth;
+    if args.lfru {
+        options.tier.policy = tileflow_engine::tier::EvictionPolicy::Lfru;
+    }
+    if let Some(burst) = args.prefetch_burst {
+        options.tier.prefetch_burst_bytes = burst;
+    }
+    if let Some(rate) = args.prefetch_rate {
+        options.tier.prefetch_rate_bytes = rate;
+    }
     options.threads = args.threads;
     let mut model = LoadedModel::open(store, &args.model, &options)?;
     model.runner.set_prefetch_depth(depth);

@@ -175,6 +175,15 @@ pub struct BenchStreamArgs {
     /// Bytes of host-tier expert slots (0: no host tier).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub host_bytes: u64,
+    /// Evict with the frequency-aware policy (LFU with decay) instead of LRU.
+    #[arg(long)]
+    pub lfru: bool,
+    /// Most prefetch bytes in flight at once [default: the tier's default].
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
+    pub prefetch_burst: Option<u64>,
+    /// Prefetch token-bucket refill, bytes per second [default: unpaced].
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
+    pub prefetch_rate: Option<u64>,
     /// CPU threads [default: one per core].
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub threads: Option<usize>,

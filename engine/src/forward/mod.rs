@@ -382,13 +382,14 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                                 MlpWeights::Moe { router, .. } => Some((j, router)),
                                 MlpWeights::Dense(_) => None,
                             });
-                    prefetch.look_ahead(b, &spec.moe, &h2, next, experts);
+                    let hints = prefetch.look_ahead(b, &spec.moe, &h2, next);
                     moe::moe_experts(
                         b,
                         experts,
                         i,
                         &h2,
                         &routing,
+                        hints,
                         shared.as_ref(),
                         (step.ids.len(), spec.hidden_size),
                         &step.row_seqs,

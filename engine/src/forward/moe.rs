@@ -218,6 +218,7 @@ pub(super) fn moe_experts<B: Backend, P: ExpertProvider>(
     layer: usize,
     h: &B::Act,
     routing: &Routing,
+    mut hints: Vec<(usize, Vec<usize>)>,
     shared: Option<&SharedExpertWeights<B::Weight>>,
     (rows, hidden): (usize, usize),
     row_seqs: &[SeqId],
@@ -231,6 +232,12 @@ pub(super) fn moe_experts<B: Backend, P: ExpertProvider>(
         let blame = |e: EngineError| blame(e, batch, row_seqs);
         let selected: Vec<usize> = batch.iter().map(|(e, _)| *e).collect();
         experts.prepare(layer, &selected).map_err(blame)?;
+        // The look-ahead hints go out once this layer's first experts are in: on a storage
+        // queue that serves reads in order, hints given earlier would sit ahead of this
+        // layer's demand reads; given now, their reads overlap this layer's compute.
+        for (next, predicted) in hints.drain(..) {
+            experts.prefetch(next, &predicted);
+        }
         let work = batch
             .iter()
             .map(|(expert, (rows, scales))| {

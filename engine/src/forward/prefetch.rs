@@ -147,8 +147,10 @@ impl Prefetcher {
         }
         if let Some(h) = self.hinted.get_mut(layer) {
             let h = std::mem::take(h);
-            if let Some(predicted) = &h.look_ahead {
-                self.stats.look_ahead.count(predicted, chosen);
+            if let Some(mut predicted) = h.look_ahead {
+                // Everything the layer was hinted with this step, history hints included.
+                predicted.extend(h.history.iter().flatten());
+                self.stats.look_ahead.count(&predicted, chosen);
             } else if let Some(predicted) = &h.history {
                 self.stats.history_only.count(predicted, chosen);
             }
@@ -164,32 +166,39 @@ impl Prefetcher {
     /// Each gets a hint: the experts its router picks for `h`, by summed routing weight over
     /// the tokens, then those it used in the previous step. A backend failure here drops the
     /// hint: prefetching never fails a step.
-    pub(super) fn look_ahead<'w, B: Backend, P: ExpertProvider>(
+    pub(super) fn look_ahead<'w, B: Backend>(
         &mut self,
         backend: &B,
         moe: &MoeSpec,
         h: &B::Act,
         next: impl Iterator<Item = (usize, &'w B::Weight)>,
-        experts: &mut P,
-    ) where
+    ) -> Vec<(usize, Vec<usize>)>
+    where
         B::Weight: 'w,
     {
+        let mut hints = Vec::new();
         if self.depth == 0 {
-            return;
+            return hints;
         }
         for (layer, router) in next.take(self.depth) {
             let routing = backend
                 .linear(h, router, None)
                 .and_then(|logits| backend.route(&logits, moe.top_k, moe.norm_topk_prob));
-            let mut ranked = match routing {
-                Ok(r) => rank_by_weight(&r, moe.num_experts),
+            let (mut ranked, budget) = match routing {
+                Ok(r) => (rank_by_weight(&r, moe.num_experts), r.experts.len()),
                 Err(e) => {
                     tracing::debug!(layer, error = %e, "router look-ahead failed; no hint");
                     continue;
                 }
             };
+            // As many experts as the step has picks (tokens × top-k): for a decode step that
+            // is the look-ahead alone; where tokens agree on experts, the previous step's
+            // experts fill the rest. More would only evict experts that are still wanted.
             let previous = self.previous.get(layer).map_or(&[][..], Vec::as_slice);
             for &e in previous {
+                if ranked.len() >= budget {
+                    break;
+                }
                 if !ranked.contains(&e) {
                     ranked.push(e);
                 }
@@ -197,13 +206,14 @@ impl Prefetcher {
             if ranked.is_empty() {
                 continue;
             }
-            experts.prefetch(layer, &ranked);
             if let Some(h) = self.hinted.get_mut(layer) {
                 h.look_ahead
                     .get_or_insert_with(BTreeSet::new)
                     .extend(ranked.iter().copied());
             }
+            hints.push((layer, ranked));
         }
+        hints
     }
 }
 

@@ -365,6 +365,19 @@ impl<M: TierMemory> ExpertCache<M> {
         }
     }
 
+    /// Drops queued (not yet started) prefetches that the forward pass has passed: those of
+    /// earlier layers, and those of `layer` that it is not asking for. Their reads would only
+    /// delay the reads still to come; each counts as wasted.
+    fn drop_stale_prefetches(&mut self, layer: usize, wanted: &[usize]) {
+        let experts = &self.manifest.experts;
+        let before = self.prefetch_queue.len();
+        self.prefetch_queue.retain(|&pos| {
+            let l = experts[pos].layer;
+            l > layer || (l == layer && wanted.contains(&pos))
+        });
+        self.stats.prefetch.wasted += (before - self.prefetch_queue.len()) as u64;
+    }
+
     /// Queues prefetches of the experts of `positions` that are neither resident nor on their
     /// way, dropping the oldest queued hint when the queue holds a device tier's worth.
     pub(super) fn queue_prefetch(&mut self, positions: &[usize]) {
@@ -405,6 +418,7 @@ impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
                 })?;
             positions.push(pos);
         }
+        self.drop_stale_prefetches(layer, &positions);
         self.fetch_all(&positions).map_err(|(pos, e)| {
             let expert = self.manifest.experts.get(pos).map_or(0, |x| x.expert);
             EngineError::ExpertRead {

@@ -142,10 +142,31 @@ fn prefetch_after_prepare_keeps_the_prepared_experts() {
     }
     assert!(c.is_resident(1, 0));
     assert_eq!(c.prefetch_queue.len(), 2);
-    // The next prepare frees the old set; the queued hints proceed once slots allow.
+    // The forward pass reaches layer 1 and asks only for expert 0: the hints for experts 1
+    // and 2, still queued, were wrong, and are dropped unread as wasted.
     get(&mut c, &pack, 1, 0);
     settle(&mut c);
-    assert!(c.is_resident(1, 1) && c.is_resident(1, 2));
+    assert!(!c.is_resident(1, 1) && !c.is_resident(1, 2));
+    assert!(c.prefetch_queue.is_empty());
     let s = c.stats();
-    assert_eq!((s.prefetch.issued, s.prefetch.used), (3, 1));
+    assert_eq!(
+        (s.prefetch.issued, s.prefetch.used, s.prefetch.wasted),
+        (3, 1, 2)
+    );
+}
+
+#[test]
+fn queued_hints_for_later_layers_survive_a_prepare_and_proceed() {
+    let pack = TestPack::new(3, 4, |_, _| 9000);
+    let mut c = pack.open(&config(4, 0, 4096));
+    c.prepare(0, &[0, 1]).unwrap();
+    c.prefetch(2, &[0, 1, 2]);
+    settle(&mut c);
+    // Two slots are free: two hints start, one waits.
+    assert_eq!(c.prefetch_queue.len(), 1);
+    // Layer 1's prepare frees layer 0's experts; the layer-2 hint is still ahead and proceeds.
+    get(&mut c, &pack, 1, 3);
+    settle(&mut c);
+    assert!((0..3).all(|e| c.is_resident(2, e)));
+    assert_eq!(c.stats().prefetch.wasted, 0);
 }
