@@ -103,7 +103,9 @@ pub fn run(state_dir: &Path, args: BenchStreamArgs) -> anyhow::Result<()> {
         tokens_per_sequence: args.tokens,
         expert_slots: args.expert_slots,
         device_bytes: args.device_bytes,
-        host_bytes: args.host_bytes,
+        host_bytes: args
+            .host_bytes
+            .unwrap_or(tileflow_engine::tier::TierConfig::default().host_bytes),
         runs,
     };
     if args.json {
@@ -123,7 +125,9 @@ fn run_depth(
     let mut options = LoadOptions::default();
     options.tier.device_slots = args.expert_slots;
     options.tier.device_bytes = args.device_bytes;
-    options.tier.host_bytes = args.host_bytes;
+    if let Some(host) = args.host_bytes {
+        options.tier.host_bytes = host;
+    }
     options.tier.prefetch_depth = depth;
     if args.lfru {
         options.tier.policy = tileflow_engine::tier::EvictionPolicy::Lfru;

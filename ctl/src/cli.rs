@@ -172,9 +172,9 @@ pub struct BenchStreamArgs {
     /// Device-tier expert slots, overriding --device-bytes.
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub expert_slots: Option<usize>,
-    /// Bytes of host-tier expert slots (0: no host tier).
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
-    pub host_bytes: u64,
+    /// Bytes of host-tier expert slots (0: no host tier) [default: the tier's, 1GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub host_bytes: Option<u64>,
     /// Evict with the frequency-aware policy (LFU with decay) instead of LRU.
     #[arg(long)]
     pub lfru: bool,

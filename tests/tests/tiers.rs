@@ -110,6 +110,7 @@ fn tiers_give_bit_identical_results() {
         };
         let small = TierConfig {
             device_slots: Some(top_k),
+            host_bytes: 0,
             ..TierConfig::default()
         };
         let cases: Vec<(&str, TierConfig)> = vec![

@@ -102,7 +102,8 @@ pub const KEYS: &[ConfigKey] = &[
     key("models.preload", false, "Models loaded before the daemon reports ready, such as [\"olmoe\"]."),
     per_load("cache.device_bytes", "Bytes of device-tier expert slots (VRAM on CUDA, RAM on the CPU backend), per\nloaded model: each model gets this budget. Bytes or a size such as \"8GiB\"; 0 holds\nevery expert of the model. At least one slot is always allocated."),
     per_load("cache.expert_slots", "Device-tier expert slots per loaded model; when nonzero it overrides\ncache.device_bytes. 0 sizes the tier by cache.device_bytes."),
-    per_load("cache.host_bytes", "Bytes of page-locked host-tier slots per loaded model, between storage and the\ndevice tier. 0: no host tier, reads go through a small staging ring."),
+    per_load("cache.host_bytes", "Bytes of page-locked host-tier slots per loaded model, between storage and the\ndevice tier. 0: no host tier, reads go through a small staging ring
+(prefetch then gains little)."),
     per_load("cache.policy", "Eviction policy of both tiers: \"lru\" (least recently used) or \"lfru\" (least\nfrequently used with decay, recency breaking ties: hot experts survive a burst of\ncold ones)."),
     per_load("cache.verify", "Checksum verification of expert reads: \"first\" (first read of each expert),\n\"always\" or \"never\" (raw-path benchmarks only)."),
     per_load("cache.tile_size", "I/O and DMA unit: an expert is read as ceil(bytes / tile_size) tiles, each copied\nto the device as it lands. A positive multiple of 4096 (\"4KiB\"), at most 1GiB."),

@@ -35,8 +35,11 @@ pub struct TierConfig {
     pub device_bytes: Option<u64>,
     /// Device-tier slots, overriding `device_bytes` when set (tests, `--expert-slots`).
     pub device_slots: Option<usize>,
-    /// Bytes of host-tier slots (page-locked host memory). 0: no host tier, reads go through a
-    /// small staging ring straight to the device tier.
+    /// Bytes of host-tier slots (page-locked host memory; default 1 GiB, capped at the model's
+    /// experts). Whole experts land there without the engine thread's help, which is what lets
+    /// prefetch reads run while the engine computes. 0: no host tier, reads go through a small
+    /// staging ring straight to the device tier (prefetch then gains little: each ring tile
+    /// waits for the engine thread to copy it out).
     pub host_bytes: u64,
     /// Eviction policy of both tiers.
     pub policy: EvictionPolicy,
@@ -64,7 +67,7 @@ impl Default for TierConfig {
         TierConfig {
             device_bytes: None,
             device_slots: None,
-            host_bytes: 0,
+            host_bytes: 1 << 30,
             policy: EvictionPolicy::Lru,
             verify: Verify::First,
             tile_size: 1 << 20,
