@@ -28,6 +28,7 @@ pub mod native;
 pub mod openai;
 mod stream;
 mod transport;
+pub mod units;
 
 pub use client::{Client, DEFAULT_SOCKET};
 pub use error::ClientError;

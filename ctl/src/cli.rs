@@ -378,38 +378,9 @@ fn positive_depth(s: &str) -> Result<u32, String> {
     }
 }
 
-/// A byte count: an integer, optionally with a unit: `B`, binary `KiB`, `MiB`, `GiB`, `TiB` or
-/// decimal `KB`, `MB`, `GB`, `TB` (any case). Bare `K`/`M`/`G` are refused, as in the daemon's
-/// config, because tools disagree on whether they mean 1000 or 1024.
+/// A byte count as the daemon's config takes it (`4096`, `"64MiB"`, `"1.5GB"`).
 pub fn byte_size(text: &str) -> Result<u64, String> {
-    const UNITS: [(&str, u64); 9] = [
-        ("b", 1),
-        ("kb", 1000),
-        ("mb", 1000 * 1000),
-        ("gb", 1000 * 1000 * 1000),
-        ("tb", 1000 * 1000 * 1000 * 1000),
-        ("kib", 1 << 10),
-        ("mib", 1 << 20),
-        ("gib", 1 << 30),
-        ("tib", 1 << 40),
-    ];
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = (&t[..split], t[split..].trim());
-    let multiplier = UNITS
-        .iter()
-        .find(|(name, _)| unit.is_empty() || name.eq_ignore_ascii_case(unit))
-        .map(|&(_, m)| m)
-        .ok_or_else(|| {
-            format!(
-                "unknown size unit `{unit}` in \"{text}\" (use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
-            )
-        })?;
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("\"{text}\" is not a size such as 4096 or \"1MiB\""))?;
-    n.checked_mul(multiplier)
-        .ok_or_else(|| format!("\"{text}\" is more bytes than fit in 64 bits"))
+    tileflow_client::units::parse_byte_size(text)
 }
 
 /// Prints completions for `shell` to stdout.
@@ -475,8 +446,10 @@ mod tests {
         assert_eq!(args.backends, [BenchBackend::Pread]);
         assert_eq!(args.size, 1 << 30);
         assert!(args.model.is_none() && args.file.is_none() && args.bytes.is_none());
+        // The daemon's size syntax: fractions round down to whole bytes.
         assert_eq!(byte_size("2GB"), Ok(2_000_000_000));
-        for bad in ["1G", "x", "", "1.5MiB", "99999999999TiB"] {
+        assert_eq!(byte_size("1.5MiB"), Ok(3 << 19));
+        for bad in ["1G", "x", "", "99999999999TiB"] {
             assert!(byte_size(bad).is_err(), "{bad}");
         }
         for bad in [["--queue-depths", "0"], ["--backends", "spdk"]] {

@@ -5,16 +5,7 @@ pub mod backend;
 
 /// An error and its sources as one line (`outer: cause: root cause`), for messages that cross a
 /// channel or an HTTP body and so cannot carry the source chain themselves.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
-}
+pub use tileflow_spdk::error_chain;
 
 pub mod dtype;
 pub mod forward;

@@ -20,8 +20,8 @@ pub use queue::{
 };
 pub use source::{FileSource, StorageError, TileSource};
 
-/// `err` and its sources, joined by ": ", for log lines.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+/// `err` and its sources, joined by ": ": how errors are printed and logged.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {

@@ -18,18 +18,6 @@ use serde::{Deserialize, Serialize, Serializer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct ByteSize(pub u64);
 
-const SIZE_UNITS: [(&str, u64); 9] = [
-    ("b", 1),
-    ("kb", 1000),
-    ("mb", 1000 * 1000),
-    ("gb", 1000 * 1000 * 1000),
-    ("tb", 1000 * 1000 * 1000 * 1000),
-    ("kib", 1 << 10),
-    ("mib", 1 << 20),
-    ("gib", 1 << 30),
-    ("tib", 1 << 40),
-];
-
 impl ByteSize {
     /// The number of bytes.
     pub fn bytes(self) -> u64 {
@@ -41,27 +29,7 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(text: &str) -> Result<ByteSize, String> {
-        let t = text.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (number, unit) = (&t[..split], t[split..].trim());
-        let multiplier = SIZE_UNITS
-            .iter()
-            .find(|(name, _)| unit.is_empty() || name.eq_ignore_ascii_case(unit))
-            .map(|&(_, m)| m)
-            .ok_or_else(|| {
-                format!(
-                    "unknown size unit `{unit}` in \"{text}\" (use B, KiB, MiB, GiB, TiB for powers \
-                     of 1024 or KB, MB, GB, TB for powers of 1000)"
-                )
-            })?;
-        let bytes = scaled(number, multiplier).ok_or_else(|| {
-            format!("\"{text}\" is not a size such as 4096, \"64MiB\" or \"1GB\"")
-        })?;
-        u64::try_from(bytes)
-            .map(ByteSize)
-            .map_err(|_| format!("\"{text}\" is more bytes than fit in 64 bits"))
+        tileflow_client::units::parse_byte_size(text).map(ByteSize)
     }
 }
 
@@ -83,27 +51,6 @@ impl fmt::Display for ByteSize {
             None => write!(f, "{}B", self.0),
         }
     }
-}
-
-/// `number × multiplier` where `number` is decimal digits with an optional fraction, rounded
-/// down; `None` if `number` is not such a number or the product overflows.
-fn scaled(number: &str, multiplier: u64) -> Option<u128> {
-    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
-    let digits_ok = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !digits_ok(whole) || !digits_ok(frac) || frac.len() > 18 {
-        return None;
-    }
-    let whole: u128 = whole.parse().ok()?;
-    let frac_value: u128 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().ok()?
-    };
-    let scale = 10u128.pow(u32::try_from(frac.len()).ok()?);
-    let m = u128::from(multiplier);
-    whole
-        .checked_mul(m)?
-        .checked_add(frac_value.checked_mul(m)? / scale)
 }
 
 impl Serialize for ByteSize {
@@ -195,7 +142,7 @@ impl FromStr for HumanDuration {
                 .ok_or_else(|| {
                     format!("unknown duration unit `{unit}` in \"{text}\" (use ms, s, m, h or d)")
                 })?;
-            nanos = scaled(number, per)
+            nanos = tileflow_client::units::scaled(number, per)
                 .and_then(|n| nanos.checked_add(n))
                 .ok_or_else(bad)?;
             rest = rest[num_end + unit_len..].trim_start();
