@@ -167,13 +167,13 @@ pub struct BenchStreamArgs {
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub prefetch_depths: Vec<usize>,
     /// Bytes of device-tier expert slots [default: every expert resident].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
     pub device_bytes: Option<u64>,
     /// Device-tier expert slots, overriding --device-bytes.
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub expert_slots: Option<usize>,
     /// Bytes of host-tier expert slots (0: no host tier) [default: the tier's, 1GiB].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
     pub host_bytes: Option<u64>,
     /// Evict with the frequency-aware policy (LFU with decay) instead of LRU.
     #[arg(long)]
