@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests, which start the real binaries.
 
 mod daemon;
+pub mod engine_help;
 mod golden;
 mod uds_http;
 

@@ -10,6 +10,7 @@ use tileflow_engine::model::{LoadOptions, LoadedModel};
 use tileflow_engine::pack::import::CheckpointSource;
 use tileflow_engine::pack::write::write_pack;
 use tileflow_engine::store::Store;
+use tileflow_tests::engine_help::{argmax, log_softmax};
 use tileflow_tests::{fixture, FAMILIES};
 
 /// What a case produced: greedy tokens and, per step, the chosen token's logprob and the top 5.
@@ -18,23 +19,6 @@ struct Continuation {
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
     top: Vec<Vec<(u32, f32)>>,
-}
-
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    logits.iter().map(|&l| l - lse).collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn top5(lp: &[f32]) -> Vec<(u32, f32)> {

@@ -3,7 +3,6 @@
 //! tokens were routed to that expert.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -11,13 +10,14 @@ use tileflow_engine::backend::cpu::CpuBackend;
 use tileflow_engine::backend::ExpertRef;
 use tileflow_engine::forward::{EngineError, ExpertProvider, KvCacheConfig, ModelRunner, SeqChunk};
 use tileflow_engine::model::DenseLoader;
-use tileflow_engine::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
+use tileflow_engine::pack::manifest::DENSE_FILE;
 use tileflow_engine::pack::write::write_pack;
 use tileflow_engine::sampler::SamplingParams;
 use tileflow_engine::sched::{JobEvent, JobRequest, JobSink, Scheduler, SchedulerConfig};
 use tileflow_engine::store::Store;
 use tileflow_engine::synth::Synth;
 use tileflow_engine::tokenizer::TextTokenizer;
+use tileflow_tests::engine_help::{argmax, PackExperts};
 
 /// What the forward pass asked of the provider, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,8 +29,7 @@ enum Call {
 /// A pack's routed experts in memory, logging every call; reading `fail` fails.
 #[derive(Debug)]
 struct LoggedExperts {
-    manifest: Manifest,
-    tiles: Vec<u8>,
+    pack: PackExperts,
     fail: Option<(usize, usize)>,
     calls: Vec<Call>,
 }
@@ -49,22 +48,7 @@ impl ExpertProvider for LoggedExperts {
     }
 
     fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
-        let x =
-            self.manifest
-                .extent(layer, expert)
-                .ok_or_else(|| EngineError::ExpertUnavailable {
-                    layer,
-                    expert,
-                    reason: "not in the manifest".into(),
-                })?;
-        let start = x.offset as usize;
-        Ok(ExpertRef {
-            bytes: &self.tiles[start..start + x.bytes as usize],
-            dtype: self.manifest.expert_dtype,
-            gate: x.gate,
-            up: x.up,
-            down: x.down,
-        })
+        self.pack.expert(layer, expert)
     }
 
     fn prefetch(&mut self, layer: usize, experts: &[usize]) {
@@ -89,8 +73,7 @@ fn runner(
 ) -> ModelRunner<CpuBackend, LoggedExperts> {
     let stored = Store::new(state).get("tiny").unwrap();
     let experts = LoggedExperts {
-        tiles: fs::read(stored.dir.join(EXPERTS_FILE)).unwrap(),
-        manifest: stored.manifest.clone(),
+        pack: PackExperts::read(&stored.dir, stored.manifest.clone()).unwrap(),
         fail,
         calls: Vec::new(),
     };
@@ -127,16 +110,6 @@ fn prompts(n: usize, vocab: u64, seed: u64) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Prefills `prompts` in one step, then decodes `tokens` greedy tokens for all together.

@@ -11,11 +11,12 @@ use tileflow_engine::forward::{
     EngineError, ExpertProvider, KvCacheConfig, LogitRows, ModelRunner, SeqChunk,
 };
 use tileflow_engine::model::DenseLoader;
-use tileflow_engine::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
+use tileflow_engine::pack::manifest::{DENSE_FILE, EXPERTS_FILE};
 use tileflow_engine::pack::write::PackSource;
 use tileflow_engine::spec::{Family, LayerMlp};
 use tileflow_engine::store::Store;
 use tileflow_engine::synth::{Synth, PRESETS};
+use tileflow_tests::engine_help::PackExperts;
 use tileflow_tests::{tilectl, tilectl_ok};
 
 /// The two files of a stored pack that hold weights.
@@ -249,8 +250,7 @@ fn every_preset_has_its_published_shape() {
 /// A pack's routed experts held in memory, counting how often the router picks each.
 #[derive(Debug)]
 struct CountingExperts {
-    manifest: Manifest,
-    tiles: Vec<u8>,
+    pack: PackExperts,
     /// Picks per layer per expert.
     picks: Vec<Vec<u64>>,
 }
@@ -264,22 +264,7 @@ impl ExpertProvider for CountingExperts {
     }
 
     fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
-        let x =
-            self.manifest
-                .extent(layer, expert)
-                .ok_or_else(|| EngineError::ExpertUnavailable {
-                    layer,
-                    expert,
-                    reason: "not in the manifest".into(),
-                })?;
-        let start = x.offset as usize;
-        Ok(ExpertRef {
-            bytes: &self.tiles[start..start + x.bytes as usize],
-            dtype: self.manifest.expert_dtype,
-            gate: x.gate,
-            up: x.up,
-            down: x.down,
-        })
+        self.pack.expert(layer, expert)
     }
 }
 
@@ -298,9 +283,8 @@ fn route_counts(state: &Path, name: &str, prompts: usize, len: usize) -> Vec<Vec
     let manifest = stored.manifest;
     let spec = manifest.spec.clone();
     let experts = CountingExperts {
-        tiles: fs::read(stored.dir.join(EXPERTS_FILE)).unwrap(),
         picks: vec![vec![0; spec.moe.num_experts]; spec.num_layers()],
-        manifest,
+        pack: PackExperts::read(&stored.dir, manifest).unwrap(),
     };
     let mut dense = DenseLoader::open(&stored.dir.join(DENSE_FILE)).unwrap();
     let vocab = spec.eos_token_ids[0] as u64; // the synthetic tokenizer's ordinary tokens

@@ -13,6 +13,7 @@ use tileflow_engine::pack::write::write_pack;
 use tileflow_engine::store::Store;
 use tileflow_engine::tier::{EvictionPolicy, TierConfig};
 use tileflow_spdk::BackendChoice;
+use tileflow_tests::engine_help::log_softmax;
 use tileflow_tests::{fixture, FAMILIES};
 
 /// Greedy tokens and the bits of each step's full log-softmax row.
@@ -20,13 +21,6 @@ use tileflow_tests::{fixture, FAMILIES};
 struct Run {
     tokens: Vec<u32>,
     logprob_bits: Vec<Vec<u32>>,
-}
-
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    logits.iter().map(|&l| l - lse).collect()
 }
 
 fn greedy(model: &mut LoadedModel, prompt: &[u32], steps: usize) -> Run {
