@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
+use tileflow_engine::backend::cpu::CpuTierMemory;
 use tileflow_engine::pack::manifest::EXPERTS_FILE;
 use tileflow_engine::store::Store;
+use tileflow_engine::tier::TierMemory;
 use tileflow_spdk::direct::{open_read, read_full};
 use tileflow_spdk::{
-    AlignedBuf, BackendChoice, DmaArena, IoConfig, LockedBuf, Priority, ReadQueue, ReadRequest,
+    AlignedBuf, BackendChoice, DmaArena, DmaBuf, IoConfig, Priority, ReadQueue, ReadRequest,
     DMA_ALIGN,
 };
 
@@ -33,39 +35,37 @@ const BASELINE_CHUNK: u64 = 1 << 20;
 /// Device memory the copies cycle through: larger than any CPU cache, so copies are not cache hits.
 const DEVICE_BYTES: u64 = 64 << 20;
 
-/// Where tiles go after the host tier. On the CPU backend the device is host memory; the CUDA
-/// backend will implement this with `cuMemcpyHtoDAsync` into VRAM.
-trait DeviceSink {
+/// The device side of the pipeline: slots allocated and filled through the compute backend's
+/// [`TierMemory`], the very copy the expert tiers use (a memcpy into host memory on the CPU
+/// backend, an asynchronous copy into VRAM on CUDA). Tile `index` lands in slot
+/// `index % slots`.
+struct DeviceSlots<M: TierMemory> {
+    memory: M,
+    slots: Vec<M::DeviceSlot>,
+}
+
+impl DeviceSlots<CpuTierMemory> {
     /// What the device is, for the report.
-    fn name(&self) -> &'static str;
-    /// Copies tile number `index` (finished reading into host memory) to the device.
-    fn copy(&mut self, index: u64, tile: &[u8]);
-}
+    const NAME: &'static str = "host memory (CPU backend)";
 
-/// The CPU backend's device: a plain copy into aligned host memory, slot `index % slots`.
-struct HostMemory {
-    mem: AlignedBuf,
-    slot: usize,
-}
-
-impl HostMemory {
-    fn new(tile: usize) -> anyhow::Result<HostMemory> {
-        let slots = (DEVICE_BYTES as usize / tile).max(1);
-        let mem = AlignedBuf::new(slots * tile)
-            .context("cannot allocate the host memory standing in for the device")?;
-        Ok(HostMemory { mem, slot: tile })
+    fn new(tile: usize) -> anyhow::Result<DeviceSlots<CpuTierMemory>> {
+        let memory = CpuTierMemory;
+        let slots = (0..(DEVICE_BYTES as usize / tile).max(1))
+            .map(|_| memory.alloc_device_slot(tile))
+            .collect::<Result<Vec<_>, _>>()
+            .context("cannot allocate the device slots the tiles are copied into")?;
+        Ok(DeviceSlots { memory, slots })
     }
 }
 
-impl DeviceSink for HostMemory {
-    fn name(&self) -> &'static str {
-        "host memory (CPU backend)"
-    }
-
-    fn copy(&mut self, index: u64, tile: &[u8]) {
-        let slots = (self.mem.len() / self.slot) as u64;
-        let at = (index % slots) as usize * self.slot;
-        self.mem[at..at + tile.len()].copy_from_slice(tile);
+impl<M: TierMemory> DeviceSlots<M> {
+    /// Copies the first `len` bytes of `buf` (tile `index`) to the device and waits for it.
+    fn copy(&mut self, index: u64, buf: &DmaBuf, len: usize) -> anyhow::Result<()> {
+        let n = self.slots.len() as u64;
+        let slot = &mut self.slots[(index % n) as usize];
+        let done = self.memory.copy_to_device(buf, 0..len, slot, 0)?;
+        self.memory.wait(done)?;
+        Ok(())
     }
 }
 
@@ -175,8 +175,8 @@ pub fn run(state_dir: &Path, args: BenchIoArgs) -> anyhow::Result<()> {
     let mut device_name = "";
     for &backend in &args.backends {
         for &tile in &args.tile_sizes {
-            let mut device = HostMemory::new(usize::try_from(tile)?)?;
-            device_name = device.name();
+            let mut device = DeviceSlots::new(usize::try_from(tile)?)?;
+            device_name = DeviceSlots::NAME;
             for &depth in &args.queue_depths {
                 let setup = Setup {
                     path: &path,
@@ -338,11 +338,12 @@ struct Pass {
 impl Setup<'_> {
     /// Reads the range in tiles through a ring of `depth` tile buffers, copying each finished
     /// tile to `device` when given before its buffer is read into again.
-    fn pass(&self, mut device: Option<&mut dyn DeviceSink>) -> anyhow::Result<Pass> {
+    fn pass(&self, mut device: Option<&mut DeviceSlots<CpuTierMemory>>) -> anyhow::Result<Pass> {
         let tile = usize::try_from(self.tile)?;
         let depth = self.depth as usize;
-        let mem = LockedBuf::new(tile * depth)?;
-        let (arena, bufs) = DmaArena::new(Box::new(mem), tile, depth)?;
+        // Host memory as the tiers get it: page-locked, from the compute backend.
+        let mem = CpuTierMemory.alloc_host(tile * depth)?;
+        let (arena, bufs) = DmaArena::new(mem, tile, depth)?;
         let choice = match self.backend {
             BenchBackend::IoUring => BackendChoice::IoUring,
             BenchBackend::Pread => BackendChoice::Pread,
@@ -388,7 +389,7 @@ impl Setup<'_> {
             let len = tile_len(c.tag);
             if let Some(device) = device.as_deref_mut() {
                 let t = Instant::now();
-                device.copy(c.tag, &c.buf[..len]);
+                device.copy(c.tag, &c.buf, len)?;
                 copying += t.elapsed();
             }
             done += len as u64;
