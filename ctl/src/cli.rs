@@ -369,11 +369,12 @@ fn positive_count(s: &str) -> Result<usize, String> {
     }
 }
 
-/// A queue depth: 1 to 4096.
+/// A queue depth: 1 to the storage queue's maximum.
 fn positive_depth(s: &str) -> Result<u32, String> {
+    use tileflow_spdk::MAX_QUEUE_DEPTH;
     match s.trim().parse::<u32>() {
-        Ok(n @ 1..=4096) => Ok(n),
-        Ok(_) => Err("must be from 1 to 4096".into()),
+        Ok(n @ 1..=MAX_QUEUE_DEPTH) => Ok(n),
+        Ok(_) => Err(format!("must be from 1 to {MAX_QUEUE_DEPTH}")),
         Err(e) => Err(e.to_string()),
     }
 }

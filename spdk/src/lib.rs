@@ -17,6 +17,7 @@ pub use aligned::{AlignedBuf, AlignedBufError, DMA_ALIGN};
 pub use dma::{DmaArena, DmaBuf, DmaError, DmaMemory, LockedBuf};
 pub use queue::{
     BackendChoice, IoBackend, IoConfig, Priority, ReadCompletion, ReadQueue, ReadRequest,
+    MAX_QUEUE_DEPTH,
 };
 pub use source::{FileSource, StorageError, TileSource};
 

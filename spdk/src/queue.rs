@@ -99,6 +99,10 @@ pub enum BackendChoice {
     Pread,
 }
 
+/// Most reads a queue keeps in flight (io_uring's ring is sized by the queue depth); deeper
+/// settings are refused by the config and clamped by the backends.
+pub const MAX_QUEUE_DEPTH: u32 = 4096;
+
 /// How to open a [`ReadQueue`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoConfig {

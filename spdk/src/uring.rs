@@ -32,8 +32,6 @@ use crate::source::StorageError;
 const MAX_IOVEC: usize = 1 << 30;
 /// Bytes one SQE reads at most (its length is a `u32`); longer requests continue like short reads.
 const MAX_SQE_LEN: usize = 1 << 30;
-/// Ring entries at most.
-const MAX_DEPTH: u32 = 4096;
 /// How long the SQPOLL kernel thread spins without work before it sleeps.
 const SQPOLL_IDLE_MS: u32 = 1000;
 
@@ -51,7 +49,7 @@ pub(crate) fn spawn(
         backend: "io_uring",
         source,
     };
-    let depth = depth.clamp(1, MAX_DEPTH);
+    let depth = depth.clamp(1, crate::queue::MAX_QUEUE_DEPTH);
     let ring = build_ring(depth, sqpoll).map_err(setup)?;
     check_opcodes(&ring).map_err(setup)?;
     let fixed_files = register_files(&ring, &files);

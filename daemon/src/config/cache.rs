@@ -150,8 +150,7 @@ impl Default for StorageConfig {
     }
 }
 
-/// Largest `storage.queue_depth` accepted (io_uring rings are sized by it).
-const MAX_QUEUE_DEPTH: u32 = 4096;
+use tileflow_spdk::MAX_QUEUE_DEPTH;
 
 /// Alignment of tiles on storage and in DMA buffers.
 const TILE_ALIGN: u64 = 4096;
