@@ -1,4 +1,5 @@
-//! Opening a tile pack from the store as a runnable model on the CPU backend.
+//! Opening a tile pack from the store as a runnable model, on the CPU backend or on any other
+//! [`Backend`] with its [`TierMemory`].
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -7,11 +8,12 @@ use std::sync::Arc;
 use tileflow_spdk::{FileSource, TileSource};
 
 use crate::backend::cpu::{CpuBackend, CpuTierMemory};
+use crate::backend::{Backend, BackendError};
 use crate::forward::{EngineError, KvCacheConfig, ModelRunner};
 use crate::pack::manifest::{Manifest, DENSE_FILE, EXPERTS_FILE};
 use crate::safetensors_io::{Checkpoint, SafetensorsError};
 use crate::store::{Store, StoreError};
-use crate::tier::{ExpertCache, TierConfig, TierError};
+use crate::tier::{ExpertCache, TierConfig, TierError, TierMemory};
 use crate::weights::{DenseWeights, TensorLoader, WeightsError};
 
 /// Why a model could not be opened.
@@ -88,6 +90,17 @@ pub enum LoadError {
         #[source]
         source: Box<TierError>,
     },
+    /// The compute backend could not be set up for the model.
+    #[error("model {model}: cannot set up the {backend} backend")]
+    Backend {
+        /// Model name.
+        model: String,
+        /// The backend asked for.
+        backend: String,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
     /// The engine refused the weights.
     #[error("model {model}: cannot build the engine")]
     Engine {
@@ -110,9 +123,9 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
 }
 
-/// A model opened from the store.
+/// A model opened from the store, on backend `B` with expert tiers in `M`'s memory.
 #[derive(Debug)]
-pub struct LoadedModel {
+pub struct LoadedModel<B: Backend = CpuBackend, M: TierMemory = CpuTierMemory> {
     /// Its name.
     pub name: String,
     /// Its pack directory.
@@ -120,7 +133,7 @@ pub struct LoadedModel {
     /// Its manifest.
     pub manifest: Arc<Manifest>,
     /// The engine over it.
-    pub runner: ModelRunner<CpuBackend, ExpertCache>,
+    pub runner: ModelRunner<B, ExpertCache<M>>,
 }
 
 /// Reads dense tensors from a pack's dense.safetensors as f32, remembering which it was asked
@@ -217,12 +230,33 @@ impl TensorLoader for DenseLoader {
 }
 
 impl LoadedModel {
-    /// Opens `name` from `store`.
+    /// Opens `name` from `store` on the CPU backend.
     pub fn open(
         store: &Store,
         name: &str,
         options: &LoadOptions,
     ) -> Result<LoadedModel, LoadError> {
+        let threads = options.threads;
+        LoadedModel::open_on(store, name, options, "cpu", |_| {
+            let backend = match threads {
+                Some(n) => CpuBackend::with_threads(n),
+                None => CpuBackend::new(),
+            };
+            Ok((backend, CpuTierMemory))
+        })
+    }
+}
+
+impl<B: Backend, M: TierMemory> LoadedModel<B, M> {
+    /// Opens `name` from `store` on the backend and tier memory that `make` builds for the
+    /// pack's manifest (`backend` names it in errors).
+    pub fn open_on(
+        store: &Store,
+        name: &str,
+        options: &LoadOptions,
+        backend: &str,
+        make: impl FnOnce(&Manifest) -> Result<(B, M), BackendError>,
+    ) -> Result<LoadedModel<B, M>, LoadError> {
         let stored = store.get(name)?;
         let manifest = Arc::new(stored.manifest);
         let dense_path = stored.dir.join(DENSE_FILE);
@@ -246,20 +280,16 @@ impl LoadedModel {
             });
         }
         drop(source);
-        let cache = ExpertCache::open(
-            manifest.clone(),
-            &experts_path,
-            &options.tier,
-            CpuTierMemory,
-        )
-        .map_err(|source| LoadError::Tier {
+        let (backend, memory) = make(&manifest).map_err(|source| LoadError::Backend {
             model: name.to_string(),
-            source: Box::new(source),
+            backend: backend.to_string(),
+            source,
         })?;
-        let backend = match options.threads {
-            Some(n) => CpuBackend::with_threads(n),
-            None => CpuBackend::new(),
-        };
+        let cache = ExpertCache::open(manifest.clone(), &experts_path, &options.tier, memory)
+            .map_err(|source| LoadError::Tier {
+                model: name.to_string(),
+                source: Box::new(source),
+            })?;
         let weights = DenseWeights::load(&manifest.spec, &mut dense).map_err(|source| {
             LoadError::DenseWeights {
                 model: name.to_string(),

@@ -176,6 +176,17 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
+    /// The inverse frequencies, `head_dim / 2` of them (a device backend computes cos and sin
+    /// from these as [`RopeTable::apply`] does).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// The factor that multiplies cos and sin (YaRN's attention temperature; 1 otherwise).
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
     /// Rotates each `head_dim`-wide head of `x` in place for position `pos`
     /// (transformers' `x * cos + rotate_half(x) * sin`).
     pub fn apply(&self, x: &mut [f32], pos: usize) {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use tileflow_engine::backend::ExpertRef;
+use tileflow_engine::backend::{ExpertBytes, ExpertRef};
 use tileflow_engine::forward::EngineError;
 use tileflow_engine::pack::manifest::{Manifest, EXPERTS_FILE};
 
@@ -55,7 +55,7 @@ impl PackExperts {
                 })?;
         let start = x.offset as usize;
         Ok(ExpertRef {
-            bytes: &self.tiles[start..start + x.bytes as usize],
+            bytes: ExpertBytes::Host(&self.tiles[start..start + x.bytes as usize]),
             dtype: self.manifest.expert_dtype,
             gate: x.gate,
             up: x.up,

@@ -48,6 +48,14 @@ pub enum BackendError {
         /// What was being allocated.
         what: String,
     },
+    /// The device failed an op (a launch, a copy, a library call).
+    #[error("{op}: {reason}")]
+    Device {
+        /// The op.
+        op: &'static str,
+        /// What the device or its library said.
+        reason: String,
+    },
 }
 
 /// A row-major f32 matrix in host memory: how weights reach a backend and how results leave it.
@@ -145,12 +153,66 @@ impl Routing {
     }
 }
 
+/// Where an expert's extent bytes are: host memory (the CPU backend's tiers, in-memory
+/// experts) or device memory (a VRAM slot of the CUDA backend's tier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertBytes<'a> {
+    /// Bytes the host can read.
+    Host(&'a [u8]),
+    /// `len` bytes of device memory at `ptr`, valid while the borrow lives.
+    Device(DeviceExtent<'a>),
+}
+
+impl<'a> ExpertBytes<'a> {
+    /// Bytes of the extent.
+    pub fn len(&self) -> usize {
+        match self {
+            ExpertBytes::Host(b) => b.len(),
+            ExpertBytes::Device(d) => d.len,
+        }
+    }
+
+    /// Whether the extent is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, when the host can read them.
+    pub fn host(&self) -> Option<&'a [u8]> {
+        match self {
+            ExpertBytes::Host(b) => Some(b),
+            ExpertBytes::Device(_) => None,
+        }
+    }
+}
+
+/// A span of device memory borrowed from its owner (a tier slot) for `'a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceExtent<'a> {
+    /// Device address of the first byte.
+    pub ptr: u64,
+    /// Bytes.
+    pub len: usize,
+    owner: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl<'a> DeviceExtent<'a> {
+    /// `len` bytes at `ptr` of memory that `_owner` keeps allocated for `'a`.
+    pub fn new<T: ?Sized>(_owner: &'a T, ptr: u64, len: usize) -> DeviceExtent<'a> {
+        DeviceExtent {
+            ptr,
+            len,
+            owner: std::marker::PhantomData,
+        }
+    }
+}
+
 /// A routed expert's weights as the storage tiers hold them: the raw bytes of its extent,
 /// with the element type and where each projection lies inside.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertRef<'a> {
     /// The extent's bytes (at least up to the end of the last projection).
-    pub bytes: &'a [u8],
+    pub bytes: ExpertBytes<'a>,
     /// Element type of all three projections.
     pub dtype: Dtype,
     /// `gate_proj` / `w1`: `[intermediate, hidden]`.

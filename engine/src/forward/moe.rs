@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::EngineError;
-use crate::backend::{Backend, ExpertRef, ExpertWork, HostMatrix, Routing};
+use crate::backend::{Backend, ExpertBytes, ExpertRef, ExpertWork, HostMatrix, Routing};
 use crate::dtype::Dtype;
 use crate::kv::SeqId;
 use crate::pack::ProjectionExtent;
@@ -132,7 +132,7 @@ impl ExpertProvider for InMemoryExperts {
                     reason: "not in memory".into(),
                 })?;
         Ok(ExpertRef {
-            bytes: &e.bytes,
+            bytes: ExpertBytes::Host(&e.bytes),
             dtype: self.dtype,
             gate: e.gate,
             up: e.up,

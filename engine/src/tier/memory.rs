@@ -4,13 +4,14 @@
 //! The tier cache never touches device memory except through this trait, so the CUDA backend is
 //! a second implementation: `alloc_host` with `cuMemHostAlloc` (or registered memory),
 //! `alloc_device_slot` from its VRAM arena, `copy_to_device` as `cuMemcpyHtoDAsync` on a copy
-//! stream followed by an event record. There, [`TierMemory::device_bytes`] cannot give a host
-//! slice: the CUDA backend will hand its kernels a device pointer from the slot instead, and
-//! [`crate::backend::ExpertRef`] stays the CPU backend's view.
+//! stream followed by an event record. There, [`TierMemory::device_bytes`] gives a device address
+//! ([`ExpertBytes::Device`]) that the CUDA backend's kernels read.
 
 use std::fmt;
 
 use tileflow_spdk::{DmaBuf, DmaMemory};
+
+use crate::backend::ExpertBytes;
 
 /// Why the backend could not provide tier memory or copy into it.
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +87,8 @@ pub trait TierMemory: fmt::Debug + Send {
     fn wait(&self, event: Self::Event) -> Result<(), TierMemoryError>;
 
     /// The first `len` bytes of a device slot as the backend's compute reads them (host memory on
-    /// the CPU backend). `None` if the slot is smaller.
-    fn device_bytes<'a>(&self, slot: &'a Self::DeviceSlot, len: usize) -> Option<&'a [u8]>;
+    /// the CPU backend, a device address on the CUDA backend). `None` if the slot is smaller.
+    fn device_bytes<'a>(&self, slot: &'a Self::DeviceSlot, len: usize) -> Option<ExpertBytes<'a>>;
 
     /// Bytes of a device slot.
     fn device_slot_len(&self, slot: &Self::DeviceSlot) -> usize;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tileflow_spdk::{DmaArena, DmaBuf, ReadQueue, StorageError, DMA_ALIGN};
 
 use crate::backend::cpu::CpuTierMemory;
+use crate::backend::ExpertBytes;
 use crate::dtype::Dtype;
 use crate::pack::manifest::{ExpertExtent, Manifest};
 
@@ -155,7 +156,7 @@ pub enum TierError {
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertView<'a> {
     /// The extent's bytes (gate, up, down).
-    pub bytes: &'a [u8],
+    pub bytes: ExpertBytes<'a>,
     /// Element type.
     pub dtype: Dtype,
     /// Its manifest entry.

@@ -138,7 +138,10 @@ fn prefetch_after_prepare_keeps_the_prepared_experts() {
     c.prefetch(1, &[0, 1, 2]);
     settle(&mut c);
     for e in [0, 1] {
-        assert_eq!(c.expert(0, e).unwrap().bytes, pack.expected(0, e));
+        assert_eq!(
+            c.expert(0, e).unwrap().bytes.host().unwrap(),
+            pack.expected(0, e)
+        );
     }
     assert!(c.is_resident(1, 0));
     assert_eq!(c.prefetch_queue.len(), 2);

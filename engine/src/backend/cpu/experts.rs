@@ -27,13 +27,16 @@ fn projection<'a>(
     }
     let len = shape[0] * shape[1] * e.dtype.size();
     let start = usize::try_from(p.offset).map_err(|_| layout_err(format!("{name} offset")))?;
+    let all = e.bytes.host().ok_or_else(|| {
+        layout_err("its bytes are in device memory, which the CPU backend cannot read".into())
+    })?;
     let bytes = start
         .checked_add(len)
-        .and_then(|end| e.bytes.get(start..end))
+        .and_then(|end| all.get(start..end))
         .ok_or_else(|| {
             layout_err(format!(
                 "{name} at {start}+{len} is outside its {} bytes",
-                e.bytes.len()
+                all.len()
             ))
         })?;
     if e.dtype == crate::dtype::Dtype::F32 && cfg!(target_endian = "little") {

@@ -4,6 +4,7 @@
 
 use tileflow_spdk::{AlignedBuf, DmaBuf, DmaMemory, LockedBuf};
 
+use crate::backend::ExpertBytes;
 use crate::tier::{TierMemory, TierMemoryError};
 
 /// The CPU backend's [`TierMemory`].
@@ -60,8 +61,8 @@ impl TierMemory for CpuTierMemory {
         Ok(())
     }
 
-    fn device_bytes<'a>(&self, slot: &'a AlignedBuf, len: usize) -> Option<&'a [u8]> {
-        slot.get(..len)
+    fn device_bytes<'a>(&self, slot: &'a AlignedBuf, len: usize) -> Option<ExpertBytes<'a>> {
+        slot.get(..len).map(ExpertBytes::Host)
     }
 
     fn device_slot_len(&self, slot: &AlignedBuf) -> usize {
@@ -84,7 +85,10 @@ mod tests {
         let ev = m.copy_to_device(&src, 0..4, &mut slot, 4096).unwrap();
         assert!(m.poll(&ev).unwrap());
         m.wait(ev).unwrap();
-        assert_eq!(m.device_bytes(&slot, 4100).unwrap()[4096..], [1, 2, 3, 4]);
+        assert_eq!(
+            m.device_bytes(&slot, 4100).unwrap().host().unwrap()[4096..],
+            [1, 2, 3, 4]
+        );
         assert!(m.copy_to_device(&src, 0..4, &mut slot, 8190).is_err());
         assert!(m.copy_to_device(&src, 4000..5000, &mut slot, 0).is_err());
         assert!(m.device_bytes(&slot, 10_000).is_none());

@@ -1,0 +1,269 @@
+//! One GPU: its context, the compute and copy streams, cuBLAS, and the kernels compiled for it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+use super::{driver_err, driver_present, CUDA_MAJOR};
+use crate::probe::{GpuError, GpuInfo};
+
+/// The kernel sources, compiled together as one module (`common.cuh` first).
+const SOURCES: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    (
+        "elementwise.cu",
+        include_str!("../../kernels/elementwise.cu"),
+    ),
+    ("norm.cu", include_str!("../../kernels/norm.cu")),
+    ("rope.cu", include_str!("../../kernels/rope.cu")),
+    ("attention.cu", include_str!("../../kernels/attention.cu")),
+    ("route.cu", include_str!("../../kernels/route.cu")),
+    ("gemv.cu", include_str!("../../kernels/gemv.cu")),
+    ("experts.cu", include_str!("../../kernels/experts.cu")),
+];
+
+/// Every kernel the backend launches, by its `extern "C"` name.
+pub(crate) const KERNELS: &[&str] = &[
+    "embed_f32",
+    "embed_bf16",
+    "embed_f16",
+    "rms_norm",
+    "add_rms_norm",
+    "clamp",
+    "swiglu",
+    "add_gated",
+    "gather_rows",
+    "add_bias",
+    "to_bf16",
+    "rope",
+    "write_kv",
+    "attention",
+    "route",
+    "gemv_f32",
+    "gemv_bf16",
+    "gemv_f16",
+    "experts_gate_up",
+    "experts_down",
+    "experts_combine",
+];
+
+/// The architectures NVRTC is asked for (its option wants a `'static` string).
+const ARCHS: &[(u32, u32, &str)] = &[
+    (7, 0, "sm_70"),
+    (7, 5, "sm_75"),
+    (8, 0, "sm_80"),
+    (8, 6, "sm_86"),
+    (8, 7, "sm_87"),
+    (8, 9, "sm_89"),
+    (9, 0, "sm_90"),
+    (10, 0, "sm_100"),
+    (10, 3, "sm_103"),
+    (12, 0, "sm_120"),
+];
+
+/// A GPU opened for the engine: the context, a compute stream every op runs on, a copy stream
+/// for the expert tiers' host → device copies, cuBLAS on the compute stream, and the kernels.
+pub struct CudaDevice {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) compute: Arc<CudaStream>,
+    pub(crate) copy: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    kernels: Vec<CudaFunction>,
+    _module: Arc<CudaModule>,
+    info: GpuInfo,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaDevice({})", self.info)
+    }
+}
+
+impl fmt::Display for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cuda:{}", self.info.ordinal)
+    }
+}
+
+/// What the driver says about device `ordinal`.
+pub(super) fn info(ordinal: usize) -> Result<GpuInfo, GpuError> {
+    let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(format!("cuda:{ordinal}"), e))?;
+    let what = || format!("cuda:{ordinal}: device attributes");
+    let name = ctx.name().map_err(|e| driver_err(what(), e))?;
+    let total = ctx.total_mem().map_err(|e| driver_err(what(), e))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver_err(what(), e))?;
+    Ok(GpuInfo {
+        ordinal,
+        name,
+        total_memory: total as u64,
+        compute_capability: (major.max(0) as u32, minor.max(0) as u32),
+    })
+}
+
+fn driver_version() -> i32 {
+    let mut v = 0;
+    // SAFETY: cuDriverGetVersion writes one int through the pointer; the driver is loaded
+    // (callers checked `driver_present`).
+    let _ = unsafe { sys::cuDriverGetVersion(&mut v) };
+    v
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`: creates its streams and cuBLAS handle and loads the kernels,
+    /// compiled by NVRTC for its architecture or read from `kernel_cache` (a directory; the
+    /// compiled module is keyed by source hash, architecture and driver version). A cache that
+    /// cannot be written is logged and skipped.
+    pub fn open(ordinal: usize, kernel_cache: Option<&Path>) -> Result<Arc<CudaDevice>, GpuError> {
+        if !driver_present() {
+            return Err(GpuError::Library {
+                library: "libcuda.so",
+                version: CUDA_MAJOR,
+            });
+        }
+        // SAFETY: dlopen of the libraries only.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(GpuError::Library {
+                library: "libnvrtc.so",
+                version: CUDA_MAJOR,
+            });
+        }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(GpuError::Library {
+                library: "libcublas.so",
+                version: CUDA_MAJOR,
+            });
+        }
+        let count = super::probe()?.len();
+        if ordinal >= count {
+            return Err(GpuError::NoDevice { ordinal, count });
+        }
+        let info = info(ordinal)?;
+        let name = format!("cuda:{ordinal}");
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(&name, e))?;
+        // Every activation lives on the compute stream and the tiers order their copies with
+        // explicit events, so cudarc's per-buffer event tracking would only add work per launch.
+        // SAFETY: no buffer of this context exists yet, and buffers are only shared between
+        // streams through the explicit events of `CudaTierMemory`.
+        unsafe { ctx.disable_event_tracking() };
+        let compute = ctx
+            .new_stream()
+            .map_err(|e| driver_err(format!("{name}: compute stream"), e))?;
+        let copy = ctx
+            .new_stream()
+            .map_err(|e| driver_err(format!("{name}: copy stream"), e))?;
+        let blas = CudaBlas::new(compute.clone()).map_err(|e| GpuError::Driver {
+            what: format!("{name}: cuBLAS"),
+            reason: e.to_string(),
+        })?;
+        let ptx = compile_cached(&info, kernel_cache)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| driver_err(format!("{name}: loading the kernels"), e))?;
+        let kernels = KERNELS
+            .iter()
+            .map(|k| {
+                module
+                    .load_function(k)
+                    .map_err(|e| driver_err(format!("{name}: kernel {k}"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(device = %info, "GPU opened");
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            compute,
+            copy,
+            blas,
+            kernels,
+            _module: module,
+            info,
+        }))
+    }
+
+    /// What the driver says about this GPU.
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// The kernel named `name` (one of [`KERNELS`]).
+    pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
+        let i = KERNELS.iter().position(|k| *k == name).unwrap_or(0);
+        &self.kernels[i]
+    }
+
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> Option<usize> {
+        cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, _)| free)
+    }
+}
+
+/// The kernel module's PTX: from the cache when a file for this source, architecture and
+/// driver is there, compiled (and stored) otherwise.
+fn compile_cached(info: &GpuInfo, cache: Option<&Path>) -> Result<Ptx, GpuError> {
+    let (major, minor) = info.compute_capability;
+    let arch = ARCHS
+        .iter()
+        .rev()
+        .find(|(ma, mi, _)| (*ma, *mi) <= (major, minor))
+        .map_or("sm_70", |a| a.2);
+    let source: String = SOURCES
+        .iter()
+        .map(|(file, text)| format!("// ---- {file}\n{text}\n"))
+        .collect();
+    let key = format!(
+        "kernels-{:016x}-{arch}-{}.ptx",
+        xxhash_rust::xxh3::xxh3_64(source.as_bytes()),
+        driver_version()
+    );
+    let path: Option<PathBuf> = cache.map(|dir| dir.join(&key));
+    if let Some(p) = &path {
+        if let Ok(text) = std::fs::read_to_string(p) {
+            tracing::debug!(path = %p.display(), "kernels from the cache");
+            return Ok(Ptx::from_src(text));
+        }
+    }
+    let started = std::time::Instant::now();
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(&source, opts).map_err(|e| GpuError::Compile {
+        file: "gpu/kernels/*.cu",
+        arch: arch.to_string(),
+        log: e.to_string(),
+    })?;
+    tracing::info!(
+        arch,
+        ms = started.elapsed().as_millis() as u64,
+        "kernels compiled"
+    );
+    if let Some(p) = &path {
+        if let Err(e) = store(p, &ptx.to_src()) {
+            tracing::warn!(error = %e, "kernel cache not written; kernels compile at every start");
+        }
+    }
+    Ok(ptx)
+}
+
+/// Writes `text` to `path` through a temporary file, so a reader never sees half a module.
+fn store(path: &Path, text: &str) -> Result<(), GpuError> {
+    let err = |source| GpuError::Cache {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

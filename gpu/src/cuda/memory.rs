@@ -1,0 +1,126 @@
+//! The CUDA backend's tier memory: the host tier in `cuMemHostAlloc`'d memory, device slots in
+//! VRAM, and copies on the copy stream, each ending in an event.
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaEvent, CudaSlice, DevicePtr};
+use tileflow_engine::backend::{DeviceExtent, ExpertBytes};
+use tileflow_engine::tier::{TierMemory, TierMemoryError};
+use tileflow_spdk::{DmaBuf, DmaMemory};
+
+use super::pinned::PinnedHost;
+use super::CudaDevice;
+
+/// [`TierMemory`] on a GPU.
+#[derive(Debug, Clone)]
+pub struct CudaTierMemory {
+    dev: Arc<CudaDevice>,
+}
+
+impl CudaTierMemory {
+    /// Tier memory on `dev`.
+    pub fn new(dev: Arc<CudaDevice>) -> CudaTierMemory {
+        CudaTierMemory { dev }
+    }
+}
+
+/// One expert slot in VRAM.
+#[derive(Debug)]
+pub struct CudaSlot {
+    buf: CudaSlice<u8>,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+/// A host → device copy in flight: complete when the copy stream passes it.
+#[derive(Debug)]
+pub struct CudaCopy {
+    done: CudaEvent,
+}
+
+fn copy_err(e: cudarc::driver::DriverError) -> TierMemoryError {
+    TierMemoryError::Copy {
+        reason: e.to_string(),
+    }
+}
+
+impl TierMemory for CudaTierMemory {
+    type DeviceSlot = CudaSlot;
+    type Event = CudaCopy;
+
+    fn alloc_host(&self, bytes: usize) -> Result<Box<dyn DmaMemory>, TierMemoryError> {
+        let mem = PinnedHost::new(&self.dev.ctx, bytes).map_err(|reason| {
+            tracing::warn!(bytes, %reason, "cuMemHostAlloc failed");
+            TierMemoryError::Host { bytes }
+        })?;
+        Ok(Box::new(mem))
+    }
+
+    fn alloc_device_slot(&self, bytes: usize) -> Result<CudaSlot, TierMemoryError> {
+        let stream = &self.dev.compute;
+        let buf = stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|_| TierMemoryError::Device { bytes })?;
+        stream
+            .synchronize()
+            .map_err(|_| TierMemoryError::Device { bytes })?;
+        let (ptr, _sync) = buf.device_ptr(stream);
+        Ok(CudaSlot {
+            buf,
+            ptr,
+            len: bytes,
+        })
+    }
+
+    fn copy_to_device(
+        &self,
+        src: &DmaBuf,
+        range: std::ops::Range<usize>,
+        dst: &mut CudaSlot,
+        dst_offset: usize,
+    ) -> Result<CudaCopy, TierMemoryError> {
+        let len = range.len();
+        let bad = || TierMemoryError::CopyRange {
+            src_start: range.start,
+            len,
+            src_len: src.len(),
+            dst_offset,
+            dst_len: dst.len,
+        };
+        let from = src.get(range.clone()).ok_or_else(bad)?;
+        if dst_offset.checked_add(len).is_none_or(|end| end > dst.len) {
+            return Err(bad());
+        }
+        let dev = &self.dev;
+        // The slot may still be read by expert kernels queued on the compute stream (it held
+        // another expert until the cache evicted it): the copy waits for them.
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let computed = dev.compute.record_event(flags).map_err(copy_err)?;
+        dev.copy.wait(&computed).map_err(copy_err)?;
+        // SAFETY: `dst.ptr + dst_offset .. + len` is inside the slot (checked above), which the
+        // cache does not free or reuse before this copy's event completes; `from` is page-locked
+        // memory of the host tier that the cache keeps untouched until then too.
+        unsafe {
+            result::memcpy_htod_async(dst.ptr + dst_offset as u64, from, dev.copy.cu_stream())
+        }
+        .map_err(copy_err)?;
+        let done = dev.copy.record_event(flags).map_err(copy_err)?;
+        Ok(CudaCopy { done })
+    }
+
+    fn poll(&self, event: &CudaCopy) -> Result<bool, TierMemoryError> {
+        event.done.try_is_complete().map_err(copy_err)
+    }
+
+    fn wait(&self, event: CudaCopy) -> Result<(), TierMemoryError> {
+        event.done.synchronize().map_err(copy_err)
+    }
+
+    fn device_bytes<'a>(&self, slot: &'a CudaSlot, len: usize) -> Option<ExpertBytes<'a>> {
+        (len <= slot.len).then(|| ExpertBytes::Device(DeviceExtent::new(&slot.buf, slot.ptr, len)))
+    }
+
+    fn device_slot_len(&self, slot: &CudaSlot) -> usize {
+        slot.len
+    }
+}
