@@ -63,3 +63,13 @@ impl PackExperts {
         })
     }
 }
+
+impl tileflow_engine::forward::ExpertProvider for PackExperts {
+    fn prepare(&mut self, _layer: usize, _experts: &[usize]) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
+        PackExperts::expert(self, layer, expert)
+    }
+}

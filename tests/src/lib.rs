@@ -3,6 +3,7 @@
 mod daemon;
 pub mod engine_help;
 mod golden;
+pub mod greedy;
 mod uds_http;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,13 @@ pub use uds_http::{
 };
 
 /// The repository root.
+///
+/// `TILEFLOW_REPO_ROOT` overrides it, for test binaries built here and run on another machine
+/// (the GPU host) from a copy of the tree.
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("TILEFLOW_REPO_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)

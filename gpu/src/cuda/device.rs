@@ -28,9 +28,7 @@ const SOURCES: &[(&str, &str)] = &[
 
 /// Every kernel the backend launches, by its `extern "C"` name.
 pub(crate) const KERNELS: &[&str] = &[
-    "embed_f32",
-    "embed_bf16",
-    "embed_f16",
+    "embed",
     "rms_norm",
     "add_rms_norm",
     "clamp",
@@ -39,13 +37,11 @@ pub(crate) const KERNELS: &[&str] = &[
     "gather_rows",
     "add_bias",
     "to_bf16",
-    "rope",
     "write_kv",
+    "rope",
     "attention",
     "route",
-    "gemv_f32",
-    "gemv_bf16",
-    "gemv_f16",
+    "gemv",
     "experts_gate_up",
     "experts_down",
     "experts_combine",
@@ -214,10 +210,7 @@ fn compile_cached(info: &GpuInfo, cache: Option<&Path>) -> Result<Ptx, GpuError>
         .rev()
         .find(|(ma, mi, _)| (*ma, *mi) <= (major, minor))
         .map_or("sm_70", |a| a.2);
-    let source: String = SOURCES
-        .iter()
-        .map(|(file, text)| format!("// ---- {file}\n{text}\n"))
-        .collect();
+    let source = source();
     let key = format!(
         "kernels-{:016x}-{arch}-{}.ptx",
         xxhash_rust::xxh3::xxh3_64(source.as_bytes()),
@@ -231,16 +224,7 @@ fn compile_cached(info: &GpuInfo, cache: Option<&Path>) -> Result<Ptx, GpuError>
         }
     }
     let started = std::time::Instant::now();
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(&source, opts).map_err(|e| GpuError::Compile {
-        file: "gpu/kernels/*.cu",
-        arch: arch.to_string(),
-        log: e.to_string(),
-    })?;
+    let ptx = compile(&source, arch)?;
     tracing::info!(
         arch,
         ms = started.elapsed().as_millis() as u64,
@@ -252,6 +236,28 @@ fn compile_cached(info: &GpuInfo, cache: Option<&Path>) -> Result<Ptx, GpuError>
         }
     }
     Ok(ptx)
+}
+
+/// The kernel files as one program.
+fn source() -> String {
+    SOURCES
+        .iter()
+        .map(|(file, text)| format!("// ---- {file}\n{text}\n"))
+        .collect()
+}
+
+/// NVRTC's PTX of `source` for `arch`.
+fn compile(source: &str, arch: &'static str) -> Result<Ptx, GpuError> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    compile_ptx_with_opts(source, opts).map_err(|e| GpuError::Compile {
+        file: "gpu/kernels/*.cu",
+        arch: arch.to_string(),
+        log: e.to_string(),
+    })
 }
 
 /// Writes `text` to `path` through a temporary file, so a reader never sees half a module.
@@ -266,4 +272,36 @@ fn store(path: &Path, text: &str) -> Result<(), GpuError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, text).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile for every architecture we name, wherever libnvrtc can be loaded (no
+    /// GPU needed); every kernel the backend launches is in the PTX.
+    #[test]
+    fn kernels_compile_for_every_architecture() {
+        // SAFETY: dlopen only.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            // CI fetches NVRTC and sets this, so there a missing library is a failure.
+            assert!(
+                std::env::var_os("TILEFLOW_REQUIRE_NVRTC").is_none(),
+                "libnvrtc.so.{CUDA_MAJOR} is not on the library path"
+            );
+            eprintln!("libnvrtc.so.{CUDA_MAJOR} not found: kernel compilation not checked");
+            return;
+        }
+        let src = source();
+        for (_, _, arch) in ARCHS.iter().filter(|a| a.0 >= 8) {
+            let ptx = compile(&src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let text = ptx.to_src();
+            for k in KERNELS {
+                assert!(
+                    text.contains(&format!(".entry {k}(")),
+                    "{arch}: no kernel {k}"
+                );
+            }
+        }
+    }
 }

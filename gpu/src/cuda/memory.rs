@@ -64,7 +64,7 @@ impl TierMemory for CudaTierMemory {
         stream
             .synchronize()
             .map_err(|_| TierMemoryError::Device { bytes })?;
-        let (ptr, _sync) = buf.device_ptr(stream);
+        let ptr = buf.device_ptr(stream).0;
         Ok(CudaSlot {
             buf,
             ptr,

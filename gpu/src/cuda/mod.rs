@@ -5,9 +5,9 @@ mod device;
 mod memory;
 mod pinned;
 
-pub use backend::CudaBackend;
+pub use backend::{CudaAct, CudaBackend, CudaKvPool, CudaWeight};
 pub use device::CudaDevice;
-pub use memory::CudaTierMemory;
+pub use memory::{CudaCopy, CudaSlot, CudaTierMemory};
 
 use std::sync::Arc;
 

@@ -1,0 +1,110 @@
+// Shared helpers of every kernel (compiled first, in one NVRTC program with the others).
+//
+// Element types travel as an int (DT_*) and are resolved inside the kernel: one kernel per op
+// instead of one per op and type, at the cost of a branch every warp takes the same way.
+// bf16 and f16 are converted by hand (exact widening) so no CUDA header is needed.
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float bf16_to_f32(u16 v) {
+    return __uint_as_float(((u32)v) << 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+// Round to nearest even, as torch's bf16 conversion.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {
+        return (u16)((u >> 16) | 0x40);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ float load_elem(const void* p, long long i, int dt) {
+    if (dt == DT_F32) return ((const float*)p)[i];
+    if (dt == DT_BF16) return bf16_to_f32(((const u16*)p)[i]);
+    return f16_to_f32(((const u16*)p)[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Rows of x a warp accumulates at once in the matrix-vector kernels.
+#define GEMV_ROWS 8
+
+// acc[r] += Σ_k w[k] * x[r * ldx + k] for r < m (m <= GEMV_ROWS), summed over the warp's lanes
+// (each lane holds a partial sum; the caller reduces). `w` is one weight row of `k` elements.
+// Vector loads of 8 elements (16 or 32 bytes) when the row and x are aligned for them.
+__device__ __forceinline__ void dot_rows(const void* w, int dt, const float* x, long long ldx,
+                                         int m, int k, float acc[GEMV_ROWS]) {
+    const int lane = threadIdx.x & 31;
+    const int esize = dt == DT_F32 ? 4 : 2;
+    bool vec = ((((u64)w) | ((u64)x)) & 15) == 0 && (k & 7) == 0 && (ldx & 3) == 0;
+    if (vec) {
+        for (int k0 = lane * 8; k0 < k; k0 += 256) {
+            float wv[8];
+            if (dt == DT_F32) {
+                const float4* p = (const float4*)((const float*)w + k0);
+                float4 a = p[0], b = p[1];
+                wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w;
+                wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+            } else {
+                uint4 q = *(const uint4*)((const char*)w + (long long)k0 * esize);
+                u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+                    wv[2 * j] = dt == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+                    wv[2 * j + 1] = dt == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (r < m) {
+                    const float4* xp = (const float4*)(x + r * ldx + k0);
+                    float4 a = xp[0], b = xp[1];
+                    acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w
+                            + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                }
+            }
+        }
+    } else {
+        for (int kk = lane; kk < k; kk += 32) {
+            float wv = load_elem(w, kk, dt);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                if (r < m) acc[r] += wv * x[r * ldx + kk];
+            }
+        }
+    }
+}

@@ -1,0 +1,74 @@
+// Routed experts in three launches over all selected experts at once, reading weights straight
+// from their slots. An "assignment" is one (token row, expert) pair; assignments are grouped by
+// expert, ascending, and `xs` holds the token rows in assignment order.
+//
+// ptrs: per expert, device addresses of gate [inter, hidden], up [inter, hidden] and
+// down [hidden, inter]; starts: per expert, its first assignment (n_experts + 1 entries).
+
+// act[a, j] = silu(xs[a] · gate[j]) * (xs[a] · up[j]); grid (ceil(inter / warps), experts)
+extern "C" __global__ void experts_gate_up(const float* xs, int hidden, int inter, int dt,
+                                           const u64* ptrs, const u32* starts, float* act) {
+    const int e = blockIdx.y;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (j >= inter) return;
+    const int esize = dt == DT_F32 ? 4 : 2;
+    const char* g = (const char*)ptrs[3 * e] + (long long)j * hidden * esize;
+    const char* u = (const char*)ptrs[3 * e + 1] + (long long)j * hidden * esize;
+    const u32 a1 = starts[e + 1];
+    for (u32 a = starts[e]; a < a1; a += GEMV_ROWS) {
+        float ga[GEMV_ROWS], ua[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) ga[r] = ua[r] = 0.0f;
+        int mm = min(GEMV_ROWS, (int)(a1 - a));
+        const float* x = xs + (long long)a * hidden;
+        dot_rows(g, dt, x, hidden, mm, hidden, ga);
+        dot_rows(u, dt, x, hidden, mm, hidden, ua);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            float gv = warp_sum(ga[r]), uv = warp_sum(ua[r]);
+            if (lane == 0 && r < mm) act[(long long)(a + r) * inter + j] = silu(gv) * uv;
+        }
+    }
+}
+
+// y[a, c] = scale[a] * (act[a] · down[c]); grid (ceil(hidden / warps), experts)
+extern "C" __global__ void experts_down(const float* act, int hidden, int inter, int dt,
+                                        const u64* ptrs, const u32* starts, const float* scales,
+                                        float* y) {
+    const int e = blockIdx.y;
+    const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (c >= hidden) return;
+    const int esize = dt == DT_F32 ? 4 : 2;
+    const char* d = (const char*)ptrs[3 * e + 2] + (long long)c * inter * esize;
+    const u32 a1 = starts[e + 1];
+    for (u32 a = starts[e]; a < a1; a += GEMV_ROWS) {
+        float acc[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
+        int mm = min(GEMV_ROWS, (int)(a1 - a));
+        dot_rows(d, dt, act + (long long)a * inter, inter, mm, inter, acc);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0 && r < mm) y[(long long)(a + r) * hidden + c] = v * scales[a + r];
+        }
+    }
+}
+
+// out[r, c] += y[a, c] for each assignment a of row r, in ascending expert order (the order
+// transformers adds them); row_starts / row_assign list them per row (CSR).
+extern "C" __global__ void experts_combine(float* out, const float* y, const u32* row_starts,
+                                           const u32* row_assign, int rows, int hidden) {
+    long long total = (long long)rows * hidden;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / hidden, c = i % hidden;
+        float o = out[i];
+        for (u32 t = row_starts[r]; t < row_starts[r + 1]; t++) {
+            o += y[(long long)row_assign[t] * hidden + c];
+        }
+        out[i] = o;
+    }
+}

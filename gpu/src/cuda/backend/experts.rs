@@ -1,0 +1,398 @@
+//! The ops that take host-side plans: attention over block tables, the router, and the routed
+//! experts read from their slots.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use tileflow_engine::backend::{AttentionPlan, BackendError, ExpertBytes, ExpertWork, Routing};
+use tileflow_engine::dtype::Dtype;
+use tileflow_engine::pack::ProjectionExtent;
+
+use super::{dev_err, dtype_code, elementwise, int, shape_err, CudaAct, CudaBackend, CudaKvPool};
+
+/// Warps per block of the expert kernels (one output column each).
+const EXPERT_WARPS: u32 = 8;
+/// Warps per block of attention (see kernels/attention.cu).
+const ATT_WARPS: u32 = 4;
+/// Widest head attention handles (32 lanes × ATT_DIMS).
+const ATT_MAX_HEAD_DIM: usize = 256;
+
+pub(super) fn attention(
+    be: &CudaBackend,
+    q: &CudaAct,
+    pool: &CudaKvPool,
+    layer: usize,
+    plan: &AttentionPlan,
+) -> Result<CudaAct, BackendError> {
+    let (heads, kv_heads, hd) = (plan.num_heads, plan.num_kv_heads, plan.head_dim);
+    let layout = &pool.layout;
+    if q.cols != heads * hd
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || hd > ATT_MAX_HEAD_DIM
+        || layout.slot_width() != kv_heads * hd
+        || layer >= layout.num_layers
+    {
+        return Err(shape_err(
+            "attention",
+            format!(
+                "q [{}, {}] with {heads} heads x {hd}, {kv_heads} kv heads, layer {layer}, pool slot width {}",
+                q.rows,
+                q.cols,
+                layout.slot_width()
+            ),
+        ));
+    }
+    let bs = layout.block_size;
+    let mut pos = vec![u32::MAX; q.rows];
+    let mut lo = vec![0u32; q.rows];
+    let mut table_off = vec![0u32; q.rows];
+    let mut tables: Vec<u32> = Vec::new();
+    for c in &plan.chunks {
+        let last_pos = c.start_pos + c.rows;
+        if c.first_row + c.rows > q.rows || last_pos.div_ceil(bs) > c.blocks.len() {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "chunk at row {} of {} rows from position {} has {} blocks",
+                    c.first_row,
+                    c.rows,
+                    c.start_pos,
+                    c.blocks.len()
+                ),
+            ));
+        }
+        if let Some(b) = c.blocks.iter().find(|&&b| b as usize >= layout.num_blocks) {
+            return Err(shape_err(
+                "attention",
+                format!("block {b} of {}", layout.num_blocks),
+            ));
+        }
+        let off = u32::try_from(tables.len())
+            .map_err(|_| shape_err("attention", "block tables too long".into()))?;
+        tables.extend_from_slice(&c.blocks);
+        for i in 0..c.rows {
+            let p = c.start_pos + i;
+            let r = c.first_row + i;
+            pos[r] =
+                u32::try_from(p).map_err(|_| shape_err("attention", format!("position {p}")))?;
+            lo[r] = plan.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w)) as u32;
+            table_off[r] = off;
+        }
+    }
+    if let Some(r) = pos.iter().position(|&p| p == u32::MAX) {
+        return Err(shape_err("attention", format!("row {r} is in no chunk")));
+    }
+    let mut out = be.alloc_act("attention", q.rows, q.cols)?;
+    if q.rows == 0 || heads == 0 {
+        return Ok(out);
+    }
+    let d_pos = be.upload_u32("attention", &pos)?;
+    let d_lo = be.upload_u32("attention", &lo)?;
+    let d_off = be.upload_u32("attention", &table_off)?;
+    let d_tables = be.upload_u32("attention", &tables)?;
+    let (h, kvh, d, bsi) = (
+        int("attention", heads)?,
+        int("attention", kv_heads)?,
+        int("attention", hd)?,
+        int("attention", bs)?,
+    );
+    let scale = plan.scale;
+    let cfg = LaunchConfig {
+        grid_dim: (h as u32, q.rows as u32, 1),
+        block_dim: (32 * ATT_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = be.dev.compute.launch_builder(be.dev.kernel("attention"));
+    b.arg(&q.data)
+        .arg(&pool.k[layer])
+        .arg(&pool.v[layer])
+        .arg(&d_pos)
+        .arg(&d_lo)
+        .arg(&d_off)
+        .arg(&d_tables)
+        .arg(&h)
+        .arg(&kvh)
+        .arg(&d)
+        .arg(&bsi)
+        .arg(&scale)
+        .arg(&mut out.data);
+    // SAFETY: attention(...): q and out are rows * heads * hd; every row has a position whose
+    // blocks (checked < num_blocks, enough of them for the position) index the layer's pools of
+    // slots * kv_heads * hd floats; hd <= 256 as the kernel assumes.
+    unsafe { b.launch(cfg) }.map_err(dev_err("attention"))?;
+    Ok(out)
+}
+
+pub(super) fn route(
+    be: &CudaBackend,
+    logits: &CudaAct,
+    top_k: usize,
+    renormalize: bool,
+) -> Result<Routing, BackendError> {
+    let e = logits.cols;
+    if top_k == 0 || top_k > e {
+        return Err(shape_err("route", format!("top_k {top_k} of {e} experts")));
+    }
+    let n = logits.rows * top_k;
+    let s = &be.dev.compute;
+    if n == 0 {
+        return Ok(Routing {
+            top_k,
+            experts: Vec::new(),
+            weights: Vec::new(),
+        });
+    }
+    let smem = u32::try_from(e * 4)
+        .ok()
+        .filter(|&b| b <= 48 * 1024)
+        .ok_or_else(|| shape_err("route", format!("{e} experts do not fit shared memory")))?;
+    // SAFETY: the kernel writes every one of the n entries of both.
+    let mut experts = unsafe { s.alloc::<u32>(n) }.map_err(dev_err("route"))?;
+    // SAFETY: as above.
+    let mut weights = unsafe { s.alloc::<f32>(n) }.map_err(dev_err("route"))?;
+    let (ei, ki, renorm) = (
+        int("route", e)?,
+        int("route", top_k)?,
+        i32::from(renormalize),
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (logits.rows as u32, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let mut b = s.launch_builder(be.dev.kernel("route"));
+    b.arg(&logits.data)
+        .arg(&ei)
+        .arg(&ki)
+        .arg(&renorm)
+        .arg(&mut experts)
+        .arg(&mut weights);
+    // SAFETY: route(logits, e, k, renorm, experts, weights): logits is rows * e, the outputs
+    // rows * k, shared memory holds e floats.
+    unsafe { b.launch(cfg) }.map_err(dev_err("route"))?;
+    let experts = s.clone_dtoh(&experts).map_err(dev_err("route"))?;
+    let weights = s.clone_dtoh(&weights).map_err(dev_err("route"))?;
+    s.synchronize().map_err(dev_err("route"))?;
+    Ok(Routing {
+        top_k,
+        experts,
+        weights,
+    })
+}
+
+/// Device address of one projection of `w`, checked against its shape and extent.
+fn projection_ptr(
+    base: u64,
+    len: usize,
+    dtype: Dtype,
+    expert: usize,
+    name: &str,
+    p: &ProjectionExtent,
+    shape: [usize; 2],
+) -> Result<u64, BackendError> {
+    let layout_err = |detail: String| BackendError::ExpertLayout { expert, detail };
+    if p.shape != shape {
+        return Err(layout_err(format!(
+            "{name} has shape {:?}, expected {shape:?}",
+            p.shape
+        )));
+    }
+    let bytes = shape[0] * shape[1] * dtype.size();
+    let start = usize::try_from(p.offset).map_err(|_| layout_err(format!("{name} offset")))?;
+    if start.checked_add(bytes).is_none_or(|end| end > len) {
+        return Err(layout_err(format!(
+            "{name} at {start}+{bytes} is outside its {len} bytes"
+        )));
+    }
+    Ok(base + start as u64)
+}
+
+pub(super) fn experts(
+    be: &CudaBackend,
+    x: &CudaAct,
+    work: &[ExpertWork<'_>],
+    out: &mut CudaAct,
+) -> Result<(), BackendError> {
+    if (x.rows, x.cols) != (out.rows, out.cols) {
+        return Err(shape_err(
+            "experts",
+            format!(
+                "x [{}, {}] vs out [{}, {}]",
+                x.rows, x.cols, out.rows, out.cols
+            ),
+        ));
+    }
+    if work.is_empty() || x.cols == 0 {
+        return Ok(());
+    }
+    let s = &be.dev.compute;
+    let h = x.cols;
+    let inter = work[0].weights.gate.shape[0];
+    let dtype = work[0].weights.dtype;
+    // Ascending expert order: assignments are numbered expert by expert, so each row's list
+    // below is in the order transformers adds the contributions.
+    let mut order: Vec<usize> = (0..work.len()).collect();
+    order.sort_by_key(|&i| work[i].expert);
+    let mut ptrs = Vec::with_capacity(3 * work.len());
+    let mut starts = vec![0u32];
+    let mut assign_rows: Vec<u32> = Vec::new();
+    let mut scales: Vec<f32> = Vec::new();
+    // Host bytes (in-memory experts) are uploaded for this call; kept until the kernels ran.
+    let mut staged: Vec<CudaSlice<u8>> = Vec::new();
+    for &i in &order {
+        let w = &work[i];
+        let e = w.expert;
+        if w.weights.dtype != dtype || w.weights.gate.shape[0] != inter {
+            return Err(BackendError::ExpertLayout {
+                expert: e,
+                detail: "experts of one layer differ in element type or width".into(),
+            });
+        }
+        if w.rows.len() != w.scales.len() {
+            return Err(shape_err(
+                "experts",
+                format!(
+                    "expert {e}: {} rows, {} scales",
+                    w.rows.len(),
+                    w.scales.len()
+                ),
+            ));
+        }
+        let (base, len) = match w.weights.bytes {
+            ExpertBytes::Device(d) => (d.ptr, d.len),
+            ExpertBytes::Host(bytes) => {
+                let buf = s
+                    .clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes })
+                    .map_err(dev_err("experts"))?;
+                let ptr = {
+                    use cudarc::driver::DevicePtr;
+                    buf.device_ptr(s).0
+                };
+                staged.push(buf);
+                (ptr, bytes.len())
+            }
+        };
+        let wr = &w.weights;
+        ptrs.push(projection_ptr(
+            base,
+            len,
+            dtype,
+            e,
+            "gate",
+            &wr.gate,
+            [inter, h],
+        )?);
+        ptrs.push(projection_ptr(
+            base,
+            len,
+            dtype,
+            e,
+            "up",
+            &wr.up,
+            [inter, h],
+        )?);
+        ptrs.push(projection_ptr(
+            base,
+            len,
+            dtype,
+            e,
+            "down",
+            &wr.down,
+            [h, inter],
+        )?);
+        for (&r, &sc) in w.rows.iter().zip(&w.scales) {
+            if r >= x.rows {
+                return Err(shape_err(
+                    "experts",
+                    format!("row {r} of {} routed to expert {e}", x.rows),
+                ));
+            }
+            assign_rows.push(r as u32);
+            scales.push(sc);
+        }
+        starts.push(assign_rows.len() as u32);
+    }
+    let total = assign_rows.len();
+    if total == 0 || inter == 0 {
+        return Ok(());
+    }
+    // Per output row, its assignments in ascending expert order (CSR).
+    let mut row_starts = vec![0u32; x.rows + 1];
+    for &r in &assign_rows {
+        row_starts[r as usize + 1] += 1;
+    }
+    for r in 0..x.rows {
+        row_starts[r + 1] += row_starts[r];
+    }
+    let mut fill = row_starts.clone();
+    let mut row_assign = vec![0u32; total];
+    for (a, &r) in assign_rows.iter().enumerate() {
+        row_assign[fill[r as usize] as usize] = a as u32;
+        fill[r as usize] += 1;
+    }
+
+    let d_ptrs = s.clone_htod(&ptrs).map_err(dev_err("experts"))?;
+    let d_starts = be.upload_u32("experts", &starts)?;
+    let d_assign = be.upload_u32("experts", &assign_rows)?;
+    let d_scales = s.clone_htod(&scales).map_err(dev_err("experts"))?;
+    let d_row_starts = be.upload_u32("experts", &row_starts)?;
+    let d_row_assign = be.upload_u32("experts", &row_assign)?;
+
+    let mut xs = be.alloc_act("experts", total, h)?;
+    be.gather(x, &d_assign, total, &mut xs)?;
+    let mut act = be.alloc_act("experts", total, inter)?;
+    let mut y = be.alloc_act("experts", total, h)?;
+    let (hi, ii, dt) = (
+        int("experts", h)?,
+        int("experts", inter)?,
+        dtype_code(dtype),
+    );
+    let n_exp = work.len() as u32;
+
+    let cfg = LaunchConfig {
+        grid_dim: ((inter as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        block_dim: (32 * EXPERT_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = s.launch_builder(be.dev.kernel("experts_gate_up"));
+    b.arg(&xs.data)
+        .arg(&hi)
+        .arg(&ii)
+        .arg(&dt)
+        .arg(&d_ptrs)
+        .arg(&d_starts)
+        .arg(&mut act.data);
+    // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; every projection
+    // address was checked to lie, with its [inter, h] / [h, inter] shape, inside its expert's
+    // bytes, which stay allocated (slot borrowed by `work`, or `staged`) until the stream ran.
+    unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+
+    let cfg = LaunchConfig {
+        grid_dim: ((h as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        ..cfg
+    };
+    let mut b = s.launch_builder(be.dev.kernel("experts_down"));
+    b.arg(&act.data)
+        .arg(&hi)
+        .arg(&ii)
+        .arg(&dt)
+        .arg(&d_ptrs)
+        .arg(&d_starts)
+        .arg(&d_scales)
+        .arg(&mut y.data);
+    // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
+    unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+
+    let rows = int("experts", x.rows)?;
+    let mut b = s.launch_builder(be.dev.kernel("experts_combine"));
+    b.arg(&mut out.data)
+        .arg(&y.data)
+        .arg(&d_row_starts)
+        .arg(&d_row_assign)
+        .arg(&rows)
+        .arg(&hi);
+    // SAFETY: experts_combine: out is rows * h, y total * h, the CSR lists every assignment
+    // (< total) once under its row (< rows).
+    unsafe { b.launch(elementwise(x.rows * h)) }.map_err(dev_err("experts"))?;
+    drop(staged);
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `x · wᵀ (+ bias)`: a matrix-vector kernel for the few rows of a decode step, cuBLAS for
+//! longer prefills.
+//!
+//! f32 weights take cuBLAS SGEMM past [`GEMV_MAX_ROWS`] rows. bf16 and f16 weights stay on the
+//! matrix-vector kernel (weights widened exactly, f32 activations and sums, as the CPU
+//! reference and transformers in f32) up to [`TENSOR_CORE_MIN_ROWS`] rows: a tensor-core GEMM
+//! needs bf16 activations, and rounding them moved the logprobs of the small golden models by
+//! up to 1 (measured on the GPU host), so only long prefills, where the matrix-vector kernel's
+//! re-reads of the weights would dominate, take it.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use tileflow_engine::backend::BackendError;
+use tileflow_engine::dtype::Dtype;
+
+use super::{dev_err, dtype_code, elementwise, int, shape_err, CudaAct, CudaBackend, CudaWeight};
+
+/// Rows up to which the matrix-vector kernel beats a GEMM (it reads the weights once per 8 rows).
+const GEMV_MAX_ROWS: usize = 16;
+
+/// Rows from which bf16 weights go to the tensor cores (bf16 activations).
+const TENSOR_CORE_MIN_ROWS: usize = 256;
+
+/// Warps (output columns) per block of the matrix-vector kernel.
+const GEMV_WARPS: u32 = 8;
+
+pub(super) fn linear(
+    be: &CudaBackend,
+    x: &CudaAct,
+    w: &CudaWeight,
+    bias: Option<&CudaWeight>,
+) -> Result<CudaAct, BackendError> {
+    if x.cols != w.cols {
+        return Err(shape_err(
+            "linear",
+            format!("x has {} columns, weight [{}, {}]", x.cols, w.rows, w.cols),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.rows * b.cols != w.rows || b.dtype != Dtype::F32 {
+            return Err(shape_err(
+                "linear",
+                format!("bias of {} for {} outputs", b.rows * b.cols, w.rows),
+            ));
+        }
+    }
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    let mut out = be.alloc_act("linear", m, n)?;
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    if k == 0 {
+        return tileflow_engine::backend::Backend::zeros(be, m, n);
+    }
+    let gemm_from = match w.dtype {
+        Dtype::F32 => GEMV_MAX_ROWS + 1,
+        Dtype::BF16 => TENSOR_CORE_MIN_ROWS,
+        Dtype::F16 => usize::MAX,
+    };
+    if m < gemm_from {
+        gemv(be, x, w, &mut out)?;
+    } else {
+        gemm(be, x, w, &mut out)?;
+    }
+    if let Some(b) = bias {
+        let (rows, cols) = (int("linear", m)?, int("linear", n)?);
+        let mut l = be.dev.compute.launch_builder(be.dev.kernel("add_bias"));
+        l.arg(&mut out.data).arg(&b.data).arg(&rows).arg(&cols);
+        // SAFETY: add_bias(x, bias, rows, cols): out is rows * cols, bias cols (checked).
+        unsafe { l.launch(elementwise(m * n)) }.map_err(dev_err("linear bias"))?;
+    }
+    Ok(out)
+}
+
+fn gemv(
+    be: &CudaBackend,
+    x: &CudaAct,
+    w: &CudaWeight,
+    out: &mut CudaAct,
+) -> Result<(), BackendError> {
+    let (m, k, n) = (
+        int("linear", x.rows)?,
+        int("linear", x.cols)?,
+        int("linear", w.rows)?,
+    );
+    let dt = dtype_code(w.dtype);
+    let cfg = LaunchConfig {
+        grid_dim: ((w.rows as u32).div_ceil(GEMV_WARPS), 1, 1),
+        block_dim: (32 * GEMV_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = be.dev.compute.launch_builder(be.dev.kernel("gemv"));
+    l.arg(&x.data)
+        .arg(&m)
+        .arg(&k)
+        .arg(&w.data)
+        .arg(&dt)
+        .arg(&n)
+        .arg(&mut out.data);
+    // SAFETY: gemv(x, m, k, w, dt, n, out): x is m * k floats, w n * k elements of dt, out m * n.
+    unsafe { l.launch(cfg) }.map_err(dev_err("linear"))?;
+    Ok(())
+}
+
+fn gemm(
+    be: &CudaBackend,
+    x: &CudaAct,
+    w: &CudaWeight,
+    out: &mut CudaAct,
+) -> Result<(), BackendError> {
+    use blas_sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+    let (m, k, n) = (
+        int("linear", x.rows)?,
+        int("linear", x.cols)?,
+        int("linear", w.rows)?,
+    );
+    let s = &be.dev.compute;
+    // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major outᵀ[n, m] = wᵀ[n, k] · xᵀ[k, m]
+    // with w and x read as column-major [k, n] and [k, m].
+    let x16;
+    let (x_ptr, x_type) = match w.dtype {
+        Dtype::BF16 => {
+            // SAFETY: to_bf16 below writes all m * k elements before the GEMM reads them.
+            let mut buf = unsafe { s.alloc::<u16>(x.rows * x.cols) }.map_err(|_| {
+                BackendError::OutOfMemory {
+                    what: format!("linear: [{m}, {k}] bf16 activation"),
+                }
+            })?;
+            let len = (x.rows * x.cols) as i64;
+            let mut l = s.launch_builder(be.dev.kernel("to_bf16"));
+            l.arg(&x.data).arg(&mut buf).arg(&len);
+            // SAFETY: to_bf16(x, out, n): both hold n elements.
+            unsafe { l.launch(elementwise(x.rows * x.cols)) }.map_err(dev_err("linear"))?;
+            x16 = buf;
+            (x16.device_ptr(s).0, CUDA_R_16BF)
+        }
+        _ => (x.data.device_ptr(s).0, CUDA_R_32F),
+    };
+    let w_type = if w.dtype == Dtype::BF16 {
+        CUDA_R_16BF
+    } else {
+        CUDA_R_32F
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let w_ptr = w.data.device_ptr(s).0;
+    let out_ptr = out.data.device_ptr_mut(s).0;
+    // SAFETY: the handle is bound to the compute stream; w holds n * k elements of w_type, x
+    // k * m of x_type and out n * m floats, all alive until the stream runs the GEMM (the
+    // bf16 copy of x is freed stream-ordered after it); alpha and beta are host f32 scalars
+    // (the handle's default pointer mode).
+    unsafe {
+        blas::gemm_ex(
+            *be.dev.blas.handle(),
+            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            n,
+            m,
+            k,
+            (&alpha as *const f32).cast::<c_void>(),
+            w_ptr as *const c_void,
+            w_type,
+            k,
+            x_ptr as *const c_void,
+            x_type,
+            k,
+            (&beta as *const f32).cast::<c_void>(),
+            out_ptr as *mut c_void,
+            CUDA_R_32F,
+            n,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(dev_err("linear (cuBLAS)"))
+}

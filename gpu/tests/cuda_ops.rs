@@ -1,0 +1,478 @@
+//! Every op of the CUDA backend against the CPU reference backend on fresh random inputs:
+//! ‖Δ‖/‖ref‖ within the bound of the element types involved, never NaN, with every new
+//! activation poisoned (NaN) first so an element a kernel leaves unwritten shows.
+//!
+//! Runs on a machine with a GPU (the GPU host); elsewhere each test says so and passes.
+#![cfg(feature = "cuda")]
+
+use std::sync::{Arc, OnceLock};
+
+use tileflow_engine::backend::cpu::CpuBackend;
+use tileflow_engine::backend::{
+    AttentionPlan, Backend, ChunkAttention, ExpertBytes, ExpertRef, ExpertWork, HostMatrix,
+};
+use tileflow_engine::dtype::Dtype;
+use tileflow_engine::kv::KvLayout;
+use tileflow_engine::pack::ProjectionExtent;
+use tileflow_engine::rope::{RopeScaling, RopeSpec};
+use tileflow_engine::tier::TierMemory;
+use tileflow_gpu::{CudaBackend, CudaDevice, CudaTierMemory};
+use tileflow_spdk::DmaArena;
+
+/// The GPU, opened once for the whole binary; `None` (and a note) where there is none.
+fn device() -> Option<Arc<CudaDevice>> {
+    static DEV: OnceLock<Option<Arc<CudaDevice>>> = OnceLock::new();
+    DEV.get_or_init(|| match tileflow_gpu::probe() {
+        Ok(gpus) if !gpus.is_empty() => Some(CudaDevice::open(0, None).expect("open cuda:0")),
+        other => {
+            eprintln!("no GPU here ({other:?}): CUDA op tests skipped");
+            None
+        }
+    })
+    .clone()
+}
+
+fn backends(dtype: Dtype) -> Option<(CpuBackend, CudaBackend)> {
+    let dev = device()?;
+    Some((
+        CpuBackend::new(),
+        CudaBackend::new(dev, dtype).unwrap().with_poison(),
+    ))
+}
+
+/// splitmix64 values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn matrix(&mut self, rows: usize, cols: usize, scale: f32) -> HostMatrix {
+        let data = (0..rows * cols).map(|_| self.next() * scale).collect();
+        HostMatrix::new(rows, cols, data).unwrap()
+    }
+
+    /// A matrix whose values survive a round trip through `dtype`.
+    fn weight(&mut self, rows: usize, cols: usize, dtype: Dtype) -> HostMatrix {
+        let m = self.matrix(rows, cols, 0.2);
+        HostMatrix::new(rows, cols, dtype.to_f32(&dtype.from_f32(&m.data))).unwrap()
+    }
+}
+
+/// ‖got − want‖ / ‖want‖, failing on NaN or a shape mismatch.
+fn close(what: &str, got: &HostMatrix, want: &HostMatrix, tol: f64) {
+    assert_eq!(
+        (got.rows, got.cols),
+        (want.rows, want.cols),
+        "{what}: shape"
+    );
+    assert!(
+        got.data.iter().all(|v| v.is_finite()),
+        "{what}: NaN or inf in the output"
+    );
+    let (mut d, mut n) = (0f64, 0f64);
+    for (g, w) in got.data.iter().zip(&want.data) {
+        d += f64::from(g - w).powi(2);
+        n += f64::from(*w).powi(2);
+    }
+    let rel = (d / n.max(1e-30)).sqrt();
+    assert!(rel <= tol, "{what}: ‖Δ‖/‖ref‖ = {rel:e} > {tol:e}");
+}
+
+/// f32 results of the same f32 arithmetic in another order.
+const F32_TOL: f64 = 1e-5;
+/// Activations rounded to bf16 for a tensor-core GEMM.
+const BF16_ACT_TOL: f64 = 1e-2;
+
+#[test]
+fn linear_matches_on_every_path() {
+    for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+        let Some((cpu, gpu)) = backends(dtype) else {
+            return;
+        };
+        let mut rng = Rng(1);
+        for (m, k, n) in [
+            (1, 64, 48),
+            (5, 200, 33),
+            (16, 96, 70),
+            (40, 128, 96),
+            (3, 37, 5),
+            (19, 64, 1),
+            (63, 64, 32),
+            (19, 48, 64),
+            (300, 64, 40),
+        ] {
+            let x = rng.matrix(m, k, 1.0);
+            let w = rng.weight(n, k, dtype);
+            let bias = rng.matrix(1, n, 1.0);
+            let want = cpu.linear(&x, &w, Some(&bias)).unwrap();
+            let gx = gpu.upload_act(x.clone()).unwrap();
+            let gw = gpu.upload(w.clone()).unwrap();
+            let gb = gpu.upload(bias.clone()).unwrap();
+            let got = gpu
+                .download(&gpu.linear(&gx, &gw, Some(&gb)).unwrap())
+                .unwrap();
+            let tol = if m >= 256 && dtype == Dtype::BF16 {
+                BF16_ACT_TOL
+            } else {
+                F32_TOL
+            };
+            close(
+                &format!("linear {dtype:?} [{m},{k}]x[{n},{k}]"),
+                &got,
+                &want,
+                tol,
+            );
+            let nobias = gpu.download(&gpu.linear(&gx, &gw, None).unwrap()).unwrap();
+            close(
+                "linear without bias",
+                &nobias,
+                &cpu.linear(&x, &w, None).unwrap(),
+                tol,
+            );
+        }
+        assert!(gpu
+            .linear(
+                &gpu.upload_act(rng.matrix(2, 3, 1.0)).unwrap(),
+                &gpu.upload(rng.weight(4, 5, dtype)).unwrap(),
+                None
+            )
+            .is_err());
+    }
+}
+
+#[test]
+fn norms_match_over_rows_and_heads() {
+    let Some((cpu, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(2);
+    for (rows, cols, g) in [(3, 2048, 2048), (5, 256, 64), (1, 40, 8)] {
+        let x = rng.matrix(rows, cols, 3.0);
+        let delta = rng.matrix(rows, cols, 1.0);
+        let w = rng.matrix(1, g, 1.0);
+        let want = cpu.rms_norm(&x, &w, 1e-6).unwrap();
+        let (gx, gw) = (
+            gpu.upload_act(x.clone()).unwrap(),
+            gpu.upload(w.clone()).unwrap(),
+        );
+        close(
+            "rms_norm",
+            &gpu.download(&gpu.rms_norm(&gx, &gw, 1e-6).unwrap())
+                .unwrap(),
+            &want,
+            F32_TOL,
+        );
+        let mut cx = x.clone();
+        let want = cpu.add_rms_norm(&mut cx, &delta, &w, 1e-5).unwrap();
+        let mut gx = gpu.upload_act(x).unwrap();
+        let gd = gpu.upload_act(delta).unwrap();
+        let got = gpu.add_rms_norm(&mut gx, &gd, &gw, 1e-5).unwrap();
+        close("add_rms_norm", &gpu.download(&got).unwrap(), &want, F32_TOL);
+        close(
+            "add_rms_norm residual",
+            &gpu.download(&gx).unwrap(),
+            &cx,
+            F32_TOL,
+        );
+    }
+}
+
+#[test]
+fn elementwise_ops_match() {
+    let Some((cpu, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(3);
+    let (a, b) = (rng.matrix(7, 300, 4.0), rng.matrix(7, 300, 4.0));
+    let (ga, gb) = (
+        gpu.upload_act(a.clone()).unwrap(),
+        gpu.upload_act(b.clone()).unwrap(),
+    );
+    close(
+        "swiglu",
+        &gpu.download(&gpu.swiglu(&ga, &gb).unwrap()).unwrap(),
+        &cpu.swiglu(&a, &b).unwrap(),
+        F32_TOL,
+    );
+    let mut ca = a.clone();
+    cpu.clamp(&mut ca, 1.5).unwrap();
+    let mut gc = gpu.upload_act(a.clone()).unwrap();
+    gpu.clamp(&mut gc, 1.5).unwrap();
+    close("clamp", &gpu.download(&gc).unwrap(), &ca, 0.0);
+
+    let g = rng.matrix(7, 1, 3.0);
+    let mut co = a.clone();
+    cpu.add_gated(&mut co, &b, &g).unwrap();
+    let mut go = gpu.upload_act(a.clone()).unwrap();
+    gpu.add_gated(&mut go, &gb, &gpu.upload_act(g).unwrap())
+        .unwrap();
+    close("add_gated", &gpu.download(&go).unwrap(), &co, F32_TOL);
+
+    let rows = [6, 0, 3, 3];
+    close(
+        "gather_rows",
+        &gpu.download(&gpu.gather_rows(&ga, &rows).unwrap()).unwrap(),
+        &cpu.gather_rows(&a, &rows).unwrap(),
+        0.0,
+    );
+    assert!(gpu.gather_rows(&ga, &[7]).is_err());
+    let z = gpu.download(&gpu.zeros(3, 5).unwrap()).unwrap();
+    assert!(z.data.iter().all(|&v| v == 0.0));
+
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let Some((_, gpu)) = backends(dtype) else {
+            return;
+        };
+        let table = rng.weight(50, 24, dtype);
+        let ids = [3, 49, 0, 3];
+        close(
+            "embed",
+            &gpu.download(
+                &gpu.embed(&gpu.upload(table.clone()).unwrap(), &ids)
+                    .unwrap(),
+            )
+            .unwrap(),
+            &cpu.embed(&table, &ids).unwrap(),
+            0.0,
+        );
+        assert!(gpu.embed(&gpu.upload(table).unwrap(), &[50]).is_err());
+    }
+}
+
+#[test]
+fn rope_matches_for_every_position() {
+    let Some((cpu, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(4);
+    for (scaling, hd) in [
+        (RopeScaling::Default, 64),
+        (RopeScaling::Linear { factor: 4.0 }, 128),
+    ] {
+        let table = RopeSpec {
+            theta: 10000.0,
+            head_dim: hd,
+            scaling,
+        }
+        .table();
+        let x = rng.matrix(5, 4 * hd, 1.0);
+        let positions = [0, 1, 7, 300, 4095];
+        let mut cx = x.clone();
+        cpu.rope(&mut cx, &positions, &table).unwrap();
+        let mut gx = gpu.upload_act(x).unwrap();
+        gpu.rope(&mut gx, &positions, &table).unwrap();
+        close("rope", &gpu.download(&gx).unwrap(), &cx, F32_TOL);
+    }
+}
+
+#[test]
+fn paged_attention_matches_for_prefill_decode_gqa_and_windows() {
+    let Some((cpu, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(5);
+    for (heads, kv_heads, hd, window) in [(4, 2, 40, None), (8, 2, 128, Some(3)), (2, 2, 256, None)]
+    {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_blocks: 12,
+            block_size: 4,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+        };
+        let mut cpool = cpu.alloc_kv(&layout).unwrap();
+        let mut gpool = gpu.alloc_kv(&layout).unwrap();
+        // Sequence A: blocks 5, 2 (7 tokens of prefill); sequence B: blocks 0, 9, 1 (10 tokens
+        // cached, then one decode token at position 10).
+        let (a_blocks, b_blocks) = (vec![5u32, 2], vec![0u32, 9, 1]);
+        let slot = |blocks: &[u32], p: usize| blocks[p / 4] as usize * 4 + p % 4;
+        let b_slots: Vec<usize> = (0..10).map(|p| slot(&b_blocks, p)).collect();
+        let (k, v) = (
+            rng.matrix(10, kv_heads * hd, 1.0),
+            rng.matrix(10, kv_heads * hd, 1.0),
+        );
+        cpu.write_kv(&mut cpool, 1, &k, &v, &b_slots).unwrap();
+        let (gk, gv) = (gpu.upload_act(k).unwrap(), gpu.upload_act(v).unwrap());
+        gpu.write_kv(&mut gpool, 1, &gk, &gv, &b_slots).unwrap();
+        // The step: A's 7 tokens and B's one, written then attended.
+        let mut slots: Vec<usize> = (0..7).map(|p| slot(&a_blocks, p)).collect();
+        slots.push(slot(&b_blocks, 10));
+        let (k, v) = (
+            rng.matrix(8, kv_heads * hd, 1.0),
+            rng.matrix(8, kv_heads * hd, 1.0),
+        );
+        cpu.write_kv(&mut cpool, 1, &k, &v, &slots).unwrap();
+        let (gk, gv) = (gpu.upload_act(k).unwrap(), gpu.upload_act(v).unwrap());
+        gpu.write_kv(&mut gpool, 1, &gk, &gv, &slots).unwrap();
+        let plan = AttentionPlan {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            scale: (hd as f32).powf(-0.5),
+            sliding_window: window,
+            chunks: vec![
+                ChunkAttention {
+                    first_row: 0,
+                    rows: 7,
+                    start_pos: 0,
+                    blocks: a_blocks.clone(),
+                },
+                ChunkAttention {
+                    first_row: 7,
+                    rows: 1,
+                    start_pos: 10,
+                    blocks: b_blocks.clone(),
+                },
+            ],
+        };
+        let q = rng.matrix(8, heads * hd, 1.0);
+        let want = cpu.attention(&q, &cpool, 1, &plan).unwrap();
+        let got = gpu
+            .attention(&gpu.upload_act(q).unwrap(), &gpool, 1, &plan)
+            .unwrap();
+        close(
+            &format!("attention {heads}/{kv_heads}x{hd} window {window:?}"),
+            &gpu.download(&got).unwrap(),
+            &want,
+            F32_TOL,
+        );
+    }
+}
+
+#[test]
+fn routing_matches_with_and_without_renormalisation() {
+    let Some((cpu, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(6);
+    for (rows, e, k) in [(1, 64, 8), (9, 128, 8), (3, 8, 2), (2, 60, 4)] {
+        let logits = rng.matrix(rows, e, 4.0);
+        let g = gpu.upload_act(logits.clone()).unwrap();
+        for renorm in [true, false] {
+            let want = cpu.route(&logits, k, renorm).unwrap();
+            let got = gpu.route(&g, k, renorm).unwrap();
+            assert_eq!(got.experts, want.experts, "route {rows}x{e} top {k}");
+            let gw = HostMatrix::new(1, got.weights.len(), got.weights).unwrap();
+            let ww = HostMatrix::new(1, want.weights.len(), want.weights).unwrap();
+            close("route weights", &gw, &ww, F32_TOL);
+        }
+    }
+    assert!(gpu
+        .route(&gpu.upload_act(rng.matrix(1, 4, 1.0)).unwrap(), 5, true)
+        .is_err());
+}
+
+/// An expert's extent bytes (gate | up | down) in `dtype`, with its projections.
+fn expert_bytes(
+    rng: &mut Rng,
+    h: usize,
+    inter: usize,
+    dtype: Dtype,
+) -> (Vec<u8>, [ProjectionExtent; 3]) {
+    let mut bytes = Vec::new();
+    let mut ext = |shape: [usize; 2], bytes: &mut Vec<u8>| {
+        let offset = bytes.len() as u64;
+        let m = rng.weight(shape[0], shape[1], dtype);
+        bytes.extend_from_slice(&dtype.from_f32(&m.data));
+        ProjectionExtent { offset, shape }
+    };
+    let gate = ext([inter, h], &mut bytes);
+    let up = ext([inter, h], &mut bytes);
+    let down = ext([h, inter], &mut bytes);
+    (bytes, [gate, up, down])
+}
+
+#[test]
+fn experts_match_from_host_bytes_and_from_vram_slots() {
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let Some((cpu, gpu)) = backends(dtype) else {
+            return;
+        };
+        let dev = device().unwrap();
+        let memory = CudaTierMemory::new(dev);
+        let mut rng = Rng(7);
+        let (h, inter, rows) = (96, 72, 11);
+        let experts: Vec<_> = (0..5)
+            .map(|_| expert_bytes(&mut rng, h, inter, dtype))
+            .collect();
+        let len = experts[0].0.len();
+        // Device slots filled through the tier memory's copy path, from page-locked memory.
+        let host = memory
+            .alloc_host(len.next_multiple_of(4096) * experts.len())
+            .unwrap();
+        let (_arena, bufs) =
+            DmaArena::new(host, len.next_multiple_of(4096), experts.len()).unwrap();
+        let mut slots = Vec::new();
+        for ((bytes, _), mut buf) in experts.iter().zip(bufs) {
+            buf[..len].copy_from_slice(bytes);
+            let mut slot = memory.alloc_device_slot(len).unwrap();
+            let ev = memory.copy_to_device(&buf, 0..len, &mut slot, 0).unwrap();
+            memory.wait(ev).unwrap();
+            slots.push((slot, buf));
+        }
+        // Expert e gets the rows where (row * 7 + e) % 3 == 0: some rows several experts,
+        // some none, expert 4 every row.
+        let assignment = |e: usize| -> Vec<usize> {
+            (0..rows)
+                .filter(|r| e == 4 || (r * 7 + e) % 3 == 0)
+                .collect()
+        };
+        let work = |device: bool| -> Vec<ExpertWork<'_>> {
+            [3usize, 0, 4, 1]
+                .iter()
+                .map(|&e| {
+                    let (bytes, [gate, up, down]) = &experts[e];
+                    let bytes = if device {
+                        memory.device_bytes(&slots[e].0, len).unwrap()
+                    } else {
+                        ExpertBytes::Host(bytes)
+                    };
+                    let rows = assignment(e);
+                    ExpertWork {
+                        expert: e,
+                        weights: ExpertRef {
+                            bytes,
+                            dtype,
+                            gate: *gate,
+                            up: *up,
+                            down: *down,
+                        },
+                        scales: rows.iter().map(|r| 0.1 + *r as f32 * 0.05).collect(),
+                        rows,
+                    }
+                })
+                .collect()
+        };
+        let x = rng.matrix(rows, h, 1.0);
+        let base = rng.matrix(rows, h, 0.5);
+        let mut want = base.clone();
+        cpu.experts(&x, &work(false), &mut want).unwrap();
+        let gx = gpu.upload_act(x).unwrap();
+        for device in [false, true] {
+            let mut got = gpu.upload_act(base.clone()).unwrap();
+            gpu.experts(&gx, &work(device), &mut got).unwrap();
+            close(
+                &format!(
+                    "experts {dtype:?} from {}",
+                    if device { "VRAM slots" } else { "host bytes" }
+                ),
+                &gpu.download(&got).unwrap(),
+                &want,
+                F32_TOL,
+            );
+        }
+        // A projection that does not fit its bytes is an error naming the expert.
+        let mut bad = work(false);
+        bad[0].weights.down.offset = len as u64;
+        let mut out = gpu.upload_act(base).unwrap();
+        let err = gpu.experts(&gx, &bad, &mut out).unwrap_err().to_string();
+        assert!(err.contains("expert 3"), "{err}");
+    }
+}
