@@ -282,6 +282,10 @@ pub struct SynthArgs {
     /// Zipf exponent of expert popularity per layer (0 = uniform).
     #[arg(long, default_value_t = 0.0)]
     pub route_skew: f64,
+    /// Keep only the first N decoder layers (a preset too large for the disk; every layer
+    /// keeps the preset's shapes).
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
 }
 
 /// Sampling and cache options shared by `run` and `demo`.

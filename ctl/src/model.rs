@@ -67,7 +67,7 @@ pub fn import(state_dir: &Path, args: ImportArgs) -> anyhow::Result<()> {
 
 /// `tilectl model synth --preset P (--out DIR | --name NAME)`.
 pub fn synth(state_dir: &Path, args: SynthArgs) -> anyhow::Result<()> {
-    let synth = Synth::new(&args.preset, args.seed, args.route_skew)?;
+    let synth = Synth::with_layers(&args.preset, args.layers, args.seed, args.route_skew)?;
     match (&args.out, &args.name) {
         (Some(out), None) => {
             if out.exists()

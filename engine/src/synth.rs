@@ -107,12 +107,32 @@ pub struct Synth {
 impl Synth {
     /// A preset with a seed and a router skew (Zipf exponent of expert popularity, 0 = uniform).
     pub fn new(preset: &str, seed: u64, route_skew: f64) -> Result<Synth, PackError> {
+        Synth::with_layers(preset, None, seed, route_skew)
+    }
+
+    /// As [`Synth::new`], keeping only the first `layers` decoder layers when given (a preset
+    /// too large for the disk at hand; the shapes of every layer stay the preset's).
+    pub fn with_layers(
+        preset: &str,
+        layers: Option<usize>,
+        seed: u64,
+        route_skew: f64,
+    ) -> Result<Synth, PackError> {
         let mut config = preset_config(preset).ok_or_else(|| {
             PackError::Source(format!(
                 "unknown preset {preset:?}; presets are {}",
                 PRESETS.join(", ")
             ))
         })?;
+        if let Some(n) = layers {
+            let all = config["num_hidden_layers"].as_u64().unwrap_or(0);
+            if n == 0 || n as u64 > all {
+                return Err(PackError::Source(format!(
+                    "--layers {n}: preset {preset} has {all} layers"
+                )));
+            }
+            config["num_hidden_layers"] = json!(n);
+        }
         if !(0.0..=8.0).contains(&route_skew) {
             return Err(PackError::Source(format!(
                 "--route-skew {route_skew} is outside 0..=8"
@@ -487,6 +507,18 @@ impl PackSource for Synth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layers_can_be_dropped_but_not_added() {
+        let s = Synth::with_layers("tiny", Some(2), 0, 0.0).unwrap();
+        assert_eq!(s.spec.num_layers(), 2);
+        assert_eq!(s.config["num_hidden_layers"], 2);
+        let e = Synth::with_layers("tiny", Some(5), 0, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--layers 5: preset tiny has 4 layers"), "{e}");
+        assert!(Synth::with_layers("tiny", Some(0), 0, 0.0).is_err());
+    }
 
     #[test]
     fn parallel_fill_is_the_serial_stream() {

@@ -382,7 +382,11 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                                 MlpWeights::Moe { router, .. } => Some((j, router)),
                                 MlpWeights::Dense(_) => None,
                             });
-                    let hints = prefetch.look_ahead(b, &spec.moe, &h2, next);
+                    let hints = if experts.all_resident() {
+                        Vec::new()
+                    } else {
+                        prefetch.look_ahead(b, &spec.moe, &h2, next)
+                    };
                     moe::moe_experts(
                         b,
                         experts,

@@ -39,6 +39,13 @@ pub trait ExpertProvider {
     fn prefetch(&mut self, layer: usize, experts: &[usize]) {
         let _ = (layer, experts);
     }
+
+    /// Whether every expert of the model is resident where the backend computes: then hints
+    /// could change nothing, and the forward pass skips the look-ahead routers (and their
+    /// device round trips) altogether.
+    fn all_resident(&self) -> bool {
+        false
+    }
 }
 
 /// One expert's extent held in memory.

@@ -1,14 +1,14 @@
 //! Deciding what to fetch when: demand fills for `prepare`, paced prefetches, victim choice, and
 //! the [`ExpertProvider`] the forward pass calls.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use tileflow_spdk::Priority;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fill::{Digest, Fill, Source};
-use super::{DeviceSlot, ExpertCache, TierError, TierMemory, Verify, MAX_STALL_EVENTS};
+use super::{DeviceSlot, ExpertCache, TierError, TierMemory, TierStats, Verify, MAX_STALL_EVENTS};
 use crate::backend::ExpertRef;
 use crate::forward::{EngineError, ExpertProvider};
 
@@ -401,6 +401,31 @@ impl<M: TierMemory> ExpertCache<M> {
     }
 }
 
+impl<M: TierMemory> ExpertCache<M> {
+    /// Reads every expert once, layer by layer, as many at a time as the device tier holds:
+    /// afterwards the device tier holds the last of them and the host tier as many as fit
+    /// (for benchmarks that measure a warm cache). The counters start again from zero.
+    pub fn warm(&mut self) -> Result<(), EngineError> {
+        let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for x in &self.manifest.experts {
+            by_layer.entry(x.layer).or_default().push(x.expert);
+        }
+        let step = self.capacity();
+        for (layer, mut experts) in by_layer {
+            experts.sort_unstable();
+            for chunk in experts.chunks(step) {
+                ExpertProvider::prepare(self, layer, chunk)?;
+            }
+        }
+        self.stats = TierStats {
+            source: self.stats.source,
+            ..TierStats::default()
+        };
+        self.stalls.clear();
+        Ok(())
+    }
+}
+
 impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
     fn capacity(&self) -> usize {
         ExpertCache::capacity(self)
@@ -444,6 +469,10 @@ impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
             up: view.extent.up,
             down: view.extent.down,
         })
+    }
+
+    fn all_resident(&self) -> bool {
+        self.device_index.len() == self.manifest.experts.len()
     }
 
     fn prefetch(&mut self, layer: usize, experts: &[usize]) {

@@ -328,3 +328,26 @@ fn truncated_file_fails_experts_past_the_cut() {
     get(&mut c, &pack, 0, 1);
     assert_eq!(c.ring.len(), 4);
 }
+
+#[test]
+fn warming_reads_every_expert_once_and_starts_the_counters_again() {
+    let pack = TestPack::new(2, 3, |l, e| 5000 + (l * 3 + e) as u64 * 10);
+    // Room for every expert: all resident afterwards, no look-ahead needed.
+    let mut c = pack.open(&config(6, 0, 4096));
+    assert!(!c.all_resident());
+    c.warm().unwrap();
+    assert!(c.all_resident());
+    assert_eq!(c.stats().bytes_read, 0);
+    assert_eq!(c.stats().device_resident_experts, 6);
+    for (l, e) in [(0, 0), (1, 2)] {
+        get(&mut c, &pack, l, e);
+    }
+    assert_eq!(c.stats().device.hits, 2);
+    assert_eq!(c.stats().bytes_read, 0);
+    // Two device slots and a host tier for everything: the host holds all, the device the last.
+    let mut small = pack.open(&config(2, 6 * 8192, 4096));
+    small.warm().unwrap();
+    assert!(!small.all_resident());
+    assert_eq!(small.stats().host_resident_experts, 6);
+    assert!(small.is_resident(1, 2));
+}

@@ -82,13 +82,20 @@ pub(super) fn attention(
         return Err(shape_err("attention", format!("row {r} is in no chunk")));
     }
     let mut out = be.alloc_act("attention", q.rows, q.cols)?;
-    if q.rows == 0 || heads == 0 {
+    if q.rows == 0 || heads == 0 || tables.is_empty() {
         return Ok(out);
     }
-    let d_pos = be.upload_u32("attention", &pos)?;
-    let d_lo = be.upload_u32("attention", &lo)?;
-    let d_off = be.upload_u32("attention", &table_off)?;
-    let d_tables = be.upload_u32("attention", &tables)?;
+    // One upload per step (the same for every layer but where windows differ).
+    let rows = q.rows;
+    let mut meta = pos;
+    meta.extend_from_slice(&lo);
+    meta.extend_from_slice(&table_off);
+    meta.extend_from_slice(&tables);
+    let d_meta = be.upload_cached("attention", &meta)?;
+    let d_pos = d_meta.slice(0..rows);
+    let d_lo = d_meta.slice(rows..2 * rows);
+    let d_off = d_meta.slice(2 * rows..3 * rows);
+    let d_tables = d_meta.slice(3 * rows..);
     let (h, kvh, d, bsi) = (
         int("attention", heads)?,
         int("attention", kv_heads)?,
@@ -145,10 +152,9 @@ pub(super) fn route(
         .ok()
         .filter(|&b| b <= 48 * 1024)
         .ok_or_else(|| shape_err("route", format!("{e} experts do not fit shared memory")))?;
-    // SAFETY: the kernel writes every one of the n entries of both.
-    let mut experts = unsafe { s.alloc::<u32>(n) }.map_err(dev_err("route"))?;
-    // SAFETY: as above.
-    let mut weights = unsafe { s.alloc::<f32>(n) }.map_err(dev_err("route"))?;
+    // Experts then weights (as f32 bits) in one buffer: one copy back.
+    // SAFETY: the kernel writes all 2n entries.
+    let mut both = unsafe { s.alloc::<u32>(2 * n) }.map_err(dev_err("route"))?;
     let (ei, ki, renorm) = (
         int("route", e)?,
         int("route", top_k)?,
@@ -159,19 +165,23 @@ pub(super) fn route(
         block_dim: (32, 1, 1),
         shared_mem_bytes: smem,
     };
-    let mut b = s.launch_builder(be.dev.kernel("route"));
-    b.arg(&logits.data)
-        .arg(&ei)
-        .arg(&ki)
-        .arg(&renorm)
-        .arg(&mut experts)
-        .arg(&mut weights);
-    // SAFETY: route(logits, e, k, renorm, experts, weights): logits is rows * e, the outputs
-    // rows * k, shared memory holds e floats.
-    unsafe { b.launch(cfg) }.map_err(dev_err("route"))?;
-    let experts = s.clone_dtoh(&experts).map_err(dev_err("route"))?;
-    let weights = s.clone_dtoh(&weights).map_err(dev_err("route"))?;
+    {
+        let (mut experts, mut weights) = both.split_at_mut(n);
+        let mut b = s.launch_builder(be.dev.kernel("route"));
+        b.arg(&logits.data)
+            .arg(&ei)
+            .arg(&ki)
+            .arg(&renorm)
+            .arg(&mut experts)
+            .arg(&mut weights);
+        // SAFETY: route(logits, e, k, renorm, experts, weights): logits is rows * e, the
+        // outputs rows * k each, shared memory holds e floats.
+        unsafe { b.launch(cfg) }.map_err(dev_err("route"))?;
+    }
+    let mut host = s.clone_dtoh(&both).map_err(dev_err("route"))?;
     s.synchronize().map_err(dev_err("route"))?;
+    let weights = host.split_off(n).into_iter().map(f32::from_bits).collect();
+    let experts = host;
     Ok(Routing {
         top_k,
         experts,
@@ -330,12 +340,31 @@ pub(super) fn experts(
         fill[r as usize] += 1;
     }
 
-    let d_ptrs = s.clone_htod(&ptrs).map_err(dev_err("experts"))?;
-    let d_starts = be.upload_u32("experts", &starts)?;
-    let d_assign = be.upload_u32("experts", &assign_rows)?;
-    let d_scales = s.clone_htod(&scales).map_err(dev_err("experts"))?;
-    let d_row_starts = be.upload_u32("experts", &row_starts)?;
-    let d_row_assign = be.upload_u32("experts", &row_assign)?;
+    // Everything the kernels need in one upload: the projection addresses (u64, first, so
+    // aligned), then the assignment lists.
+    let n = work.len();
+    let mut blob: Vec<u32> = Vec::with_capacity(6 * n + 4 * total + n + x.rows + 2);
+    for p in &ptrs {
+        blob.extend_from_slice(&[*p as u32, (*p >> 32) as u32]);
+    }
+    let at = |blob: &Vec<u32>| blob.len();
+    let o_starts = at(&blob);
+    blob.extend_from_slice(&starts);
+    let o_assign = at(&blob);
+    blob.extend_from_slice(&assign_rows);
+    let o_scales = at(&blob);
+    blob.extend(scales.iter().map(|v| v.to_bits()));
+    let o_row_starts = at(&blob);
+    blob.extend_from_slice(&row_starts);
+    let o_row_assign = at(&blob);
+    blob.extend_from_slice(&row_assign);
+    let d_blob = be.upload_u32("experts", &blob)?;
+    let d_ptrs = d_blob.slice(0..o_starts);
+    let d_starts = d_blob.slice(o_starts..o_assign);
+    let d_assign = d_blob.slice(o_assign..o_scales);
+    let d_scales = d_blob.slice(o_scales..o_row_starts);
+    let d_row_starts = d_blob.slice(o_row_starts..o_row_assign);
+    let d_row_assign = d_blob.slice(o_row_assign..);
 
     let mut xs = be.alloc_act("experts", total, h)?;
     be.gather(x, &d_assign, total, &mut xs)?;

@@ -8,9 +8,9 @@
 mod experts;
 mod linear;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
 use tileflow_engine::backend::{
     AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing,
 };
@@ -28,7 +28,16 @@ pub struct CudaBackend {
     weight_dtype: Dtype,
     /// Fill every new activation with NaN (tests: an element a kernel forgot shows).
     poison: bool,
+    /// Small host metadata uploaded recently, by content: a step's positions, KV slots and
+    /// block tables are the same for every layer, so each is uploaded once per step.
+    uploads: Arc<Mutex<Vec<Upload>>>,
 }
+
+/// Host values and the device buffer they were uploaded to.
+type Upload = (Vec<u32>, Arc<CudaSlice<u32>>);
+
+/// Recent uploads kept for reuse.
+const UPLOAD_CACHE: usize = 16;
 
 /// A weight in VRAM: matrices in the backend's weight type, vectors (`[1, n]`: norms, biases)
 /// in f32.
@@ -129,6 +138,7 @@ impl CudaBackend {
             dev,
             weight_dtype,
             poison: false,
+            uploads: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -181,6 +191,7 @@ impl CudaBackend {
         Ok(CudaAct { rows, cols, data })
     }
 
+    /// `v` in device memory, uploaded now.
     pub(crate) fn upload_u32(
         &self,
         op: &'static str,
@@ -188,6 +199,29 @@ impl CudaBackend {
     ) -> Result<CudaSlice<u32>, BackendError> {
         let v: &[u32] = if v.is_empty() { &[0] } else { v };
         self.dev.compute.clone_htod(v).map_err(dev_err(op))
+    }
+
+    /// `v` in device memory: the buffer of an earlier upload of the same values when one is
+    /// recent, a new upload otherwise. The buffers are never written after their upload.
+    pub(crate) fn upload_cached(
+        &self,
+        op: &'static str,
+        v: &[u32],
+    ) -> Result<Arc<CudaSlice<u32>>, BackendError> {
+        let mut cache = self
+            .uploads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = cache.iter().position(|(k, _)| k.as_slice() == v) {
+            let hit = cache.remove(i);
+            let buf = hit.1.clone();
+            cache.insert(0, hit);
+            return Ok(buf);
+        }
+        let buf = Arc::new(self.upload_u32(op, v)?);
+        cache.insert(0, (v.to_vec(), buf.clone()));
+        cache.truncate(UPLOAD_CACHE);
+        Ok(buf)
     }
 
     /// Checks an RMSNorm's shapes and gives its launch (one block per group) and group width;
@@ -412,8 +446,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let s = &self.dev.compute;
-        let pos = self.upload_u32("rope", &u32s("rope", positions)?)?;
-        let freq = s.clone_htod(table.inv_freq()).map_err(dev_err("rope"))?;
+        let pos = self.upload_cached("rope", &u32s("rope", positions)?)?;
+        let bits: Vec<u32> = table.inv_freq().iter().map(|f| f.to_bits()).collect();
+        let freq = self.upload_cached("rope", &bits)?;
         let scale = table.scale();
         let (rows, cols, h) = (
             int("rope", x.rows)?,
@@ -422,14 +457,14 @@ impl Backend for CudaBackend {
         );
         let mut b = s.launch_builder(self.dev.kernel("rope"));
         b.arg(&mut x.data)
-            .arg(&pos)
-            .arg(&freq)
+            .arg(&*pos)
+            .arg(&*freq)
             .arg(&scale)
             .arg(&rows)
             .arg(&cols)
             .arg(&h);
         // SAFETY: rope(x, positions, inv_freq, scale, rows, cols, half): positions has rows
-        // entries, inv_freq half, x rows * cols with cols a multiple of 2 * half.
+        // entries, inv_freq half (f32 bits), x rows * cols with cols a multiple of 2 * half.
         unsafe { b.launch(elementwise(x.rows * x.cols / 2)) }.map_err(dev_err("rope"))?;
         Ok(())
     }
@@ -462,13 +497,13 @@ impl Backend for CudaBackend {
         if slots.is_empty() {
             return Ok(());
         }
-        let d_slots = self.upload_u32("write_kv", &u32s("write_kv", slots)?)?;
+        let d_slots = self.upload_cached("write_kv", &u32s("write_kv", slots)?)?;
         let (n, w) = (int("write_kv", slots.len())?, int("write_kv", width)?);
         let (kp, vp) = (&mut pool.k, &mut pool.v);
         let mut b = self.dev.compute.launch_builder(self.dev.kernel("write_kv"));
         b.arg(&k.data)
             .arg(&v.data)
-            .arg(&d_slots)
+            .arg(&*d_slots)
             .arg(&n)
             .arg(&w)
             .arg(&mut kp[layer])
@@ -575,7 +610,7 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let d_rows = self.upload_u32("gather_rows", &u32s("gather_rows", rows)?)?;
-        self.gather(x, &d_rows, rows.len(), &mut out)?;
+        self.gather(x, &d_rows.as_view(), rows.len(), &mut out)?;
         Ok(out)
     }
 }
@@ -585,7 +620,7 @@ impl CudaBackend {
     pub(crate) fn gather(
         &self,
         x: &CudaAct,
-        rows: &CudaSlice<u32>,
+        rows: &CudaView<'_, u32>,
         n: usize,
         out: &mut CudaAct,
     ) -> Result<(), BackendError> {
