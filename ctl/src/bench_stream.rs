@@ -31,6 +31,8 @@ const DEFAULT_PROMPTS: [&str; 4] = [
 #[derive(Debug, Clone, Serialize)]
 struct DepthRun {
     prefetch_depth: usize,
+    /// Prompt tokens, all sequences.
+    prompt_tokens: usize,
     /// Tokens generated, all sequences.
     tokens: usize,
     /// Wall seconds of the whole generation (prefill included).
@@ -52,6 +54,8 @@ struct DepthRun {
     predicted_per_layer_step: Option<f64>,
     bytes_read: u64,
     bytes_read_per_token: f64,
+    /// Bytes copied host → device per generated token (the PCIe traffic of misses).
+    h2d_bytes_per_token: f64,
     device_hits: u64,
     device_misses: u64,
 }
@@ -141,6 +145,9 @@ fn run_depth(
     options.threads = args.threads;
     let mut model = LoadedModel::open(store, &args.model, &options)?;
     model.runner.set_prefetch_depth(depth);
+    if args.warm {
+        model.runner.experts_mut().warm()?;
+    }
     let tokenizer = TextTokenizer::from_dir(&model.dir)?;
     let requests = requests(&tokenizer, args)?;
     let mut sched = Scheduler::new(model.runner, tokenizer, batch_config(&requests));
@@ -154,6 +161,7 @@ fn run_depth(
     let per_token = |x: f64| x / tokens.max(1) as f64;
     let run = DepthRun {
         prefetch_depth: depth,
+        prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(),
         tokens,
         seconds,
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
@@ -168,6 +176,7 @@ fn run_depth(
         predicted_per_layer_step: predicted.look_ahead.mean_predictions(),
         bytes_read: tier.bytes_read,
         bytes_read_per_token: per_token(tier.bytes_read as f64),
+        h2d_bytes_per_token: per_token(tier.h2d_bytes as f64),
         device_hits: tier.device.hits,
         device_misses: tier.device.misses,
     };
@@ -188,11 +197,14 @@ fn requests(
     params.ignore_eos = true;
     let mut out = Vec::with_capacity(args.batch);
     for text in texts.iter().cycle().take(args.batch) {
-        let prompt = tokenizer
+        let mut prompt = tokenizer
             .encode(text, true)
             .with_context(|| format!("cannot tokenize the prompt {text:?}"))?;
         if prompt.is_empty() {
             bail!("the prompt {text:?} has no tokens");
+        }
+        if let Some(n) = args.prompt_tokens {
+            prompt = prompt.iter().copied().cycle().take(n).collect();
         }
         out.push(GenerateRequest {
             prompt,
@@ -225,6 +237,7 @@ fn print_table(report: &Report) {
                 r.prefetch_late.to_string(),
                 opt(r.recall, 3),
                 crate::output::human_bytes(r.bytes_read_per_token as u64),
+                crate::output::human_bytes(r.h2d_bytes_per_token as u64),
             ]
         })
         .collect();
@@ -239,6 +252,7 @@ fn print_table(report: &Report) {
             "PF LATE",
             "RECALL",
             "READ/TOK",
+            "H2D/TOK",
         ],
         &rows,
     );

@@ -190,6 +190,13 @@ pub struct BenchStreamArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Prompt length in tokens: each prompt is tokenized, then repeated or cut to N tokens.
+    #[arg(long, value_name = "N", value_parser = positive_count)]
+    pub prompt_tokens: Option<usize>,
+    /// Read every expert into the tiers before measuring (a warm cache: the device tier holds
+    /// what fits, the host tier the rest that fits; the counters start afterwards).
+    #[arg(long)]
+    pub warm: bool,
 }
 
 /// A storage backend `bench io` measures.

@@ -82,3 +82,35 @@ fn bench_stream_reports_every_depth_as_json() {
         }
     }
 }
+
+/// A warm cache with room for every expert reads nothing during the run, and prompts of a
+/// given length are what prefill sees.
+#[test]
+fn bench_stream_warm_and_prompt_length() {
+    let state = tempfile::tempdir().unwrap();
+    let s = state.path();
+    tilectl_ok(s, &["model", "synth", "--preset", "tiny", "--name", "tiny"]);
+    let run = tilectl_ok(
+        s,
+        &[
+            "bench",
+            "stream",
+            "tiny",
+            "--tokens",
+            "4",
+            "--prompt-tokens",
+            "32",
+            "--prefetch-depths",
+            "0",
+            "--warm",
+            "--json",
+        ],
+    );
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    let r = &report["runs"][0];
+    assert_eq!(r["tokens"], 4, "{r}");
+    assert_eq!(r["prompt_tokens"], 32, "{r}");
+    assert_eq!(r["bytes_read"], 0, "a warm, all-resident cache read: {r}");
+    assert_eq!(r["h2d_bytes_per_token"], 0.0, "{r}");
+    assert_eq!(r["device_misses"], 0, "{r}");
+}
