@@ -108,3 +108,24 @@ __device__ __forceinline__ void dot_rows(const void* w, int dt, const float* x, 
         }
     }
 }
+
+// Split-K: `split` warps (1, 2, 4 or 8) of a 256-thread block share one output column, each
+// summing k / split of it, so that enough loads are in flight when the columns are few.
+// Block-wide reduction of acc (GEMV_ROWS partial sums per warp, already warp-reduced in lane 0)
+// into the column's first warp: returns, in every lane r < m of that warp, the total of row r.
+// Every thread of the block must call it (it synchronises).
+__device__ __forceinline__ float split_reduce(float acc_lane0[GEMV_ROWS], int split, int m,
+                                              float red[8][GEMV_ROWS]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) red[warp][r] = acc_lane0[r];
+    }
+    __syncthreads();
+    float total = 0.0f;
+    if (warp % split == 0 && lane < m) {
+        for (int p = 0; p < split; p++) total += red[warp + p][lane];
+    }
+    __syncthreads();
+    return total;
+}

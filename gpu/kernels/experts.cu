@@ -5,54 +5,70 @@
 // ptrs: per expert, device addresses of gate [inter, hidden], up [inter, hidden] and
 // down [hidden, inter]; starts: per expert, its first assignment (n_experts + 1 entries).
 
-// act[a, j] = silu(xs[a] · gate[j]) * (xs[a] · up[j]); grid (ceil(inter / warps), experts)
+// act[a, j] = silu(xs[a] · gate[j]) * (xs[a] · up[j]);
+// grid (ceil(inter / (8 / split)), experts), 256 threads, `split` warps per column.
 extern "C" __global__ void experts_gate_up(const float* xs, int hidden, int inter, int dt,
-                                           const u64* ptrs, const u32* starts, float* act) {
+                                           const u64* ptrs, const u32* starts, int split,
+                                           float* act) {
+    __shared__ float red[8][GEMV_ROWS];
     const int e = blockIdx.y;
-    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (j >= inter) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (8 / split) + warp / split;
+    const int kslice = hidden / split, k0 = (warp % split) * kslice;
+    const bool live = j < inter;
     const int esize = dt == DT_F32 ? 4 : 2;
-    const char* g = (const char*)ptrs[3 * e] + (long long)j * hidden * esize;
-    const char* u = (const char*)ptrs[3 * e + 1] + (long long)j * hidden * esize;
+    const long long off = ((long long)(live ? j : 0) * hidden + k0) * esize;
+    const char* g = (const char*)ptrs[3 * e] + off;
+    const char* u = (const char*)ptrs[3 * e + 1] + off;
     const u32 a1 = starts[e + 1];
     for (u32 a = starts[e]; a < a1; a += GEMV_ROWS) {
         float ga[GEMV_ROWS], ua[GEMV_ROWS];
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) ga[r] = ua[r] = 0.0f;
         int mm = min(GEMV_ROWS, (int)(a1 - a));
-        const float* x = xs + (long long)a * hidden;
-        dot_rows(g, dt, x, hidden, mm, hidden, ga);
-        dot_rows(u, dt, x, hidden, mm, hidden, ua);
+        const float* x = xs + (long long)a * hidden + k0;
+        if (live) {
+            dot_rows(g, dt, x, hidden, mm, kslice, ga);
+            dot_rows(u, dt, x, hidden, mm, kslice, ua);
+        }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
-            float gv = warp_sum(ga[r]), uv = warp_sum(ua[r]);
-            if (lane == 0 && r < mm) act[(long long)(a + r) * inter + j] = silu(gv) * uv;
+            ga[r] = warp_sum(ga[r]);
+            ua[r] = warp_sum(ua[r]);
+        }
+        float gv = split_reduce(ga, split, mm, red);
+        float uv = split_reduce(ua, split, mm, red);
+        if (live && warp % split == 0 && lane < mm) {
+            act[(long long)(a + lane) * inter + j] = silu(gv) * uv;
         }
     }
 }
 
-// y[a, c] = scale[a] * (act[a] · down[c]); grid (ceil(hidden / warps), experts)
+// y[a, c] = scale[a] * (act[a] · down[c]); grid (ceil(hidden / (8 / split)), experts)
 extern "C" __global__ void experts_down(const float* act, int hidden, int inter, int dt,
                                         const u64* ptrs, const u32* starts, const float* scales,
-                                        float* y) {
+                                        int split, float* y) {
+    __shared__ float red[8][GEMV_ROWS];
     const int e = blockIdx.y;
-    const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (c >= hidden) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int c = blockIdx.x * (8 / split) + warp / split;
+    const int kslice = inter / split, k0 = (warp % split) * kslice;
+    const bool live = c < hidden;
     const int esize = dt == DT_F32 ? 4 : 2;
-    const char* d = (const char*)ptrs[3 * e + 2] + (long long)c * inter * esize;
+    const char* d =
+        (const char*)ptrs[3 * e + 2] + ((long long)(live ? c : 0) * inter + k0) * esize;
     const u32 a1 = starts[e + 1];
     for (u32 a = starts[e]; a < a1; a += GEMV_ROWS) {
         float acc[GEMV_ROWS];
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
         int mm = min(GEMV_ROWS, (int)(a1 - a));
-        dot_rows(d, dt, act + (long long)a * inter, inter, mm, inter, acc);
+        if (live) dot_rows(d, dt, act + (long long)a * inter + k0, inter, mm, kslice, acc);
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            float v = warp_sum(acc[r]);
-            if (lane == 0 && r < mm) y[(long long)(a + r) * hidden + c] = v * scales[a + r];
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] = warp_sum(acc[r]);
+        float v = split_reduce(acc, split, mm, red);
+        if (live && warp % split == 0 && lane < mm) {
+            y[(long long)(a + lane) * hidden + c] = v * scales[a + lane];
         }
     }
 }

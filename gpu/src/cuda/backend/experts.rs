@@ -6,7 +6,9 @@ use tileflow_engine::backend::{AttentionPlan, BackendError, ExpertBytes, ExpertW
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::pack::ProjectionExtent;
 
-use super::{dev_err, dtype_code, elementwise, int, shape_err, CudaAct, CudaBackend, CudaKvPool};
+use super::{
+    dev_err, dtype_code, elementwise, int, shape_err, split_k, CudaAct, CudaBackend, CudaKvPool,
+};
 
 /// Warps per block of the expert kernels (one output column each).
 const EXPERT_WARPS: u32 = 8;
@@ -377,8 +379,13 @@ pub(super) fn experts(
     );
     let n_exp = work.len() as u32;
 
+    let split_up = split_k(h, inter * work.len());
     let cfg = LaunchConfig {
-        grid_dim: ((inter as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        grid_dim: (
+            (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
+            n_exp,
+            1,
+        ),
         block_dim: (32 * EXPERT_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -389,14 +396,20 @@ pub(super) fn experts(
         .arg(&dt)
         .arg(&d_ptrs)
         .arg(&d_starts)
+        .arg(&split_up)
         .arg(&mut act.data);
     // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; every projection
     // address was checked to lie, with its [inter, h] / [h, inter] shape, inside its expert's
     // bytes, which stay allocated (slot borrowed by `work`, or `staged`) until the stream ran.
     unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
+    let split_down = split_k(inter, h * work.len());
     let cfg = LaunchConfig {
-        grid_dim: ((h as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        grid_dim: (
+            (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
+            n_exp,
+            1,
+        ),
         ..cfg
     };
     let mut b = s.launch_builder(be.dev.kernel("experts_down"));
@@ -407,6 +420,7 @@ pub(super) fn experts(
         .arg(&d_ptrs)
         .arg(&d_starts)
         .arg(&d_scales)
+        .arg(&split_down)
         .arg(&mut y.data);
     // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
     unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;

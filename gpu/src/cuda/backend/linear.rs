@@ -15,7 +15,9 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use tileflow_engine::backend::BackendError;
 use tileflow_engine::dtype::Dtype;
 
-use super::{dev_err, dtype_code, elementwise, int, shape_err, CudaAct, CudaBackend, CudaWeight};
+use super::{
+    dev_err, dtype_code, elementwise, int, shape_err, split_k, CudaAct, CudaBackend, CudaWeight,
+};
 
 /// Rows up to which the matrix-vector kernel beats a GEMM (it reads the weights once per 8 rows).
 const GEMV_MAX_ROWS: usize = 16;
@@ -86,8 +88,9 @@ fn gemv(
         int("linear", w.rows)?,
     );
     let dt = dtype_code(w.dtype);
+    let split = split_k(x.cols, w.rows);
     let cfg = LaunchConfig {
-        grid_dim: ((w.rows as u32).div_ceil(GEMV_WARPS), 1, 1),
+        grid_dim: ((w.rows as u32).div_ceil(GEMV_WARPS / split as u32), 1, 1),
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -98,8 +101,10 @@ fn gemv(
         .arg(&w.data)
         .arg(&dt)
         .arg(&n)
+        .arg(&split)
         .arg(&mut out.data);
-    // SAFETY: gemv(x, m, k, w, dt, n, out): x is m * k floats, w n * k elements of dt, out m * n.
+    // SAFETY: gemv(x, m, k, w, dt, n, split, out): x is m * k floats, w n * k elements of dt,
+    // out m * n; split divides k and 8.
     unsafe { l.launch(cfg) }.map_err(dev_err("linear"))?;
     Ok(())
 }
