@@ -84,6 +84,11 @@ fn status_ps_and_models_through_the_daemon() {
     assert_eq!(status["models"].as_array().unwrap().len(), 0);
     let text = d.tilectl_ok(&["status"]).stdout;
     assert!(text.contains("none loaded"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("device") && l.trim_end().ends_with("cpu")),
+        "{text}"
+    );
     assert!(text.contains(d.socket().to_str().unwrap()), "{text}");
 
     let list = d.tilectl_ok(&["model", "list"]).stdout;
