@@ -256,6 +256,16 @@ fn run_streams_through_the_daemon_like_offline() {
         "{}",
         run.stderr
     );
+    // The daemon's device is its own: --device is for offline runs.
+    let run = d.tilectl(&["run", "tiny", "--prompt", "x", "--device", "cpu"], "");
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("--device cpu chooses the device of an --offline run"),
+        "{}",
+        run.stderr
+    );
     assert!(d.stop().success(), "{}", d.log());
 }
 
