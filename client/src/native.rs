@@ -120,7 +120,8 @@ pub struct ModelStatus {
 pub struct Status {
     /// Daemon version.
     pub version: String,
-    /// Compute device ("cpu", "cuda:0").
+    /// The compute device, chosen once at start: "cpu", or a GPU as
+    /// "cuda:0 (NVIDIA H100 80GB HBM3, 79.1 GiB, sm_90)".
     pub device: String,
     /// Seconds since start.
     pub uptime_seconds: u64,

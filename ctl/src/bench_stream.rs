@@ -14,7 +14,9 @@ use tileflow_engine::model::{LoadOptions, LoadedModel};
 use tileflow_engine::sampler::SamplingParams;
 use tileflow_engine::sched::Scheduler;
 use tileflow_engine::store::Store;
+use tileflow_engine::tier::TierMemory;
 use tileflow_engine::tokenizer::TextTokenizer;
+use tileflow_gpu::{ComputeDevice, UseModel};
 
 use crate::cli::BenchStreamArgs;
 use crate::output::table;
@@ -79,11 +81,13 @@ pub fn run(state_dir: &Path, args: BenchStreamArgs) -> anyhow::Result<()> {
         bail!("--prefetch-depths needs at least one depth");
     }
     let store = Store::new(state_dir);
+    // Opened once: every depth's model shares the GPU's context and kernels.
+    let device = crate::device::open(args.device)?;
     let mut runs = Vec::with_capacity(args.prefetch_depths.len());
     let mut backend = String::new();
     for &depth in &args.prefetch_depths {
-        let (run, name) =
-            run_depth(&store, &args, depth).with_context(|| format!("prefetch depth {depth}"))?;
+        let (run, name) = run_depth(&store, &device, &args, depth)
+            .with_context(|| format!("prefetch depth {depth}"))?;
         backend = name;
         if !args.json {
             eprintln!(
@@ -120,9 +124,10 @@ pub fn run(state_dir: &Path, args: BenchStreamArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the model cold with prefetch `depth` and generates the batch.
+/// Opens the model cold on `device` with prefetch `depth` and generates the batch.
 fn run_depth(
     store: &Store,
+    device: &ComputeDevice,
     args: &BenchStreamArgs,
     depth: usize,
 ) -> anyhow::Result<(DepthRun, String)> {
@@ -143,7 +148,33 @@ fn run_depth(
         options.tier.prefetch_rate_bytes = rate;
     }
     options.threads = args.threads;
-    let mut model = LoadedModel::open(store, &args.model, &options)?;
+    device.open_model(store, &args.model, &options, DepthBench { args, depth })?
+}
+
+/// Generates the batch on an opened model and measures it (one prefetch depth's run).
+struct DepthBench<'a> {
+    args: &'a BenchStreamArgs,
+    depth: usize,
+}
+
+impl UseModel for DepthBench<'_> {
+    type Output = anyhow::Result<(DepthRun, String)>;
+
+    fn use_model<B, M>(self, model: LoadedModel<B, M>) -> Self::Output
+    where
+        B: Backend + 'static,
+        M: TierMemory + 'static,
+    {
+        measure(model, self.args, self.depth)
+    }
+}
+
+/// Generates the batch on `model` (opened with prefetch `depth`): the run and the backend.
+fn measure<B: Backend, M: TierMemory>(
+    mut model: LoadedModel<B, M>,
+    args: &BenchStreamArgs,
+    depth: usize,
+) -> anyhow::Result<(DepthRun, String)> {
     model.runner.set_prefetch_depth(depth);
     if args.warm {
         model.runner.experts_mut().warm()?;

@@ -95,6 +95,12 @@ pub fn run(socket: &Path, args: RunArgs) -> anyhow::Result<()> {
              cache.expert_slots in its configuration"
         );
     }
+    if let Some(device) = args.device {
+        bail!(
+            "--device {device} chooses the device of an --offline run; the daemon's is \
+             engine.device in its configuration (tilectl status shows it)"
+        );
+    }
     if args.chat && !args.prompt_ids.is_empty() {
         bail!("--chat wraps text prompts; --prompt-ids are sent as they are");
     }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use tileflow_gpu::DeviceChoice;
 
 /// Where commands act, for `--help`.
 const WHERE: &str = "\
@@ -74,7 +75,7 @@ pub enum Command {
         command: ModelCommand,
     },
     /// Chat with a model (interactive, or lines piped on stdin), or complete --prompt; streamed
-    /// through the daemon, or offline on the CPU backend with --offline / --state-dir.
+    /// through the daemon, or offline in-process (on --device) with --offline / --state-dir.
     Run(RunArgs),
     /// Measure this machine and the store's models (always local, never through the daemon).
     Bench {
@@ -187,6 +188,10 @@ pub struct BenchStreamArgs {
     /// CPU threads [default: one per core].
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub threads: Option<usize>,
+    /// Compute device: auto (the first GPU when this build has CUDA and one is usable, else
+    /// the CPU), cpu, cuda or cuda:N [default: auto].
+    #[arg(long, value_name = "DEVICE", value_parser = crate::device::parse_choice)]
+    pub device: Option<DeviceChoice>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -349,6 +354,11 @@ pub struct RunArgs {
     /// A system message opening the conversation (chat through the daemon).
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    /// Compute device of an --offline run: auto (the first GPU when this build has CUDA and
+    /// one is usable, else the CPU), cpu, cuda or cuda:N [default: auto]. Through the daemon,
+    /// its engine.device decides.
+    #[arg(long, value_name = "DEVICE", value_parser = crate::device::parse_choice)]
+    pub device: Option<DeviceChoice>,
     #[command(flatten)]
     pub generate: GenerateArgs,
 }

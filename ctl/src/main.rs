@@ -9,6 +9,7 @@ mod bench_stream;
 mod chat;
 mod cli;
 mod demo;
+mod device;
 mod metrics;
 mod model;
 mod output;

@@ -1,5 +1,5 @@
-//! `tilectl --offline run` and `tilectl --offline demo`: generation in-process on the CPU
-//! backend, straight from the store.
+//! `tilectl --offline run` and `tilectl --offline demo`: generation in-process on the chosen
+//! device (`--device`, the daemon's rules), straight from the store.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,7 +14,9 @@ use tileflow_engine::sampler::SamplingParams;
 use tileflow_engine::sched::Scheduler;
 use tileflow_engine::store::{Store, StoreError};
 use tileflow_engine::synth::Synth;
+use tileflow_engine::tier::TierMemory;
 use tileflow_engine::tokenizer::{ChatMessage, TextTokenizer};
+use tileflow_gpu::{DeviceChoice, UseModel};
 
 use crate::cli::{DemoArgs, GenerateArgs, RunArgs};
 
@@ -43,8 +45,8 @@ fn parse_ids(list: &str) -> anyhow::Result<Vec<u32>> {
 }
 
 /// Generates for `prompts` (already token ids) and prints text, or JSON.
-fn generate_and_print(
-    model: LoadedModel,
+fn generate_and_print<B: Backend, M: TierMemory>(
+    model: LoadedModel<B, M>,
     tokenizer: &TextTokenizer,
     prompts: Vec<Vec<u32>>,
     g: &GenerateArgs,
@@ -113,17 +115,46 @@ fn generate_and_print(
     Ok(())
 }
 
-fn open(
+/// Reads the opened model's tokenizer, makes the prompts with it, generates and prints.
+struct Generation<'a, F> {
+    prompts: F,
+    generate: &'a GenerateArgs,
+}
+
+impl<F> UseModel for Generation<'_, F>
+where
+    F: FnOnce(&TextTokenizer) -> anyhow::Result<Vec<Vec<u32>>>,
+{
+    type Output = anyhow::Result<()>;
+
+    fn use_model<B, M>(self, model: LoadedModel<B, M>) -> anyhow::Result<()>
+    where
+        B: Backend + 'static,
+        M: TierMemory + 'static,
+    {
+        let tokenizer = TextTokenizer::from_dir(&model.dir)?;
+        let prompts = (self.prompts)(&tokenizer)?;
+        generate_and_print(model, &tokenizer, prompts, self.generate)
+    }
+}
+
+/// Opens `name` on `device` and generates for the prompts `prompts` makes with its tokenizer.
+fn open_and_generate(
     state_dir: &Path,
     name: &str,
+    device: Option<DeviceChoice>,
     g: &GenerateArgs,
-) -> anyhow::Result<(LoadedModel, TextTokenizer)> {
+    prompts: impl FnOnce(&TextTokenizer) -> anyhow::Result<Vec<Vec<u32>>>,
+) -> anyhow::Result<()> {
     let store = Store::new(state_dir);
     let mut options = LoadOptions::default();
     options.tier.device_slots = g.expert_slots;
-    let model = LoadedModel::open(&store, name, &options)?;
-    let tokenizer = TextTokenizer::from_dir(&model.dir)?;
-    Ok((model, tokenizer))
+    let device = crate::device::open(device)?;
+    let generation = Generation {
+        prompts,
+        generate: g,
+    };
+    device.open_model(&store, name, &options, generation)?
 }
 
 /// `tilectl run MODEL --prompt TEXT…`.
@@ -137,21 +168,23 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     if args.system.is_some() {
         bail!("--system is for chats through the daemon");
     }
-    let (model, tokenizer) = open(state_dir, &args.model, &args.generate)?;
-    let mut prompts = Vec::new();
-    for text in &args.prompt {
-        let text = if args.chat {
-            tokenizer.apply_chat_template(&[ChatMessage::new("user", text.as_str())], true)?
-        } else {
-            text.clone()
-        };
-        // A chat template already carries its special tokens.
-        prompts.push(tokenizer.encode(&text, !args.chat)?);
-    }
-    for ids in &args.prompt_ids {
-        prompts.push(parse_ids(ids)?);
-    }
-    generate_and_print(model, &tokenizer, prompts, &args.generate)
+    let prompts = |tokenizer: &TextTokenizer| {
+        let mut prompts = Vec::new();
+        for text in &args.prompt {
+            let text = if args.chat {
+                tokenizer.apply_chat_template(&[ChatMessage::new("user", text.as_str())], true)?
+            } else {
+                text.clone()
+            };
+            // A chat template already carries its special tokens.
+            prompts.push(tokenizer.encode(&text, !args.chat)?);
+        }
+        for ids in &args.prompt_ids {
+            prompts.push(parse_ids(ids)?);
+        }
+        Ok(prompts)
+    };
+    open_and_generate(state_dir, &args.model, args.device, &args.generate, prompts)
 }
 
 /// `tilectl demo`: synthesizes `tiny` into the store if it is not there, then generates.
@@ -172,8 +205,9 @@ pub fn demo(state_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     }
-    let (model, tokenizer) = open(state_dir, NAME, &args.generate)?;
-    eprintln!("{}: {}", NAME, args.prompt);
-    let ids = tokenizer.encode(&args.prompt, true)?;
-    generate_and_print(model, &tokenizer, vec![ids], &args.generate)
+    let prompts = |tokenizer: &TextTokenizer| {
+        eprintln!("{}: {}", NAME, args.prompt);
+        Ok(vec![tokenizer.encode(&args.prompt, true)?])
+    };
+    open_and_generate(state_dir, NAME, None, &args.generate, prompts)
 }

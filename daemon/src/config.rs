@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tileflow_engine::forward::KvCacheConfig;
 use tileflow_engine::sched::SchedulerConfig as EngineSchedulerLimits;
+use tileflow_gpu::{DeviceChoice, ParseDeviceError};
 
 pub use cache::{CacheConfig, CachePolicy, CacheVerify, ExpertPin, StorageBackend, StorageConfig};
 pub use keys::{Apply, ConfigDiff, ConfigKey, KEYS};
@@ -90,24 +91,39 @@ impl Default for ServerConfig {
     }
 }
 
-/// Which backend runs the forward pass.
+/// `engine.device`: which device runs the forward pass, written `"auto"`, `"cpu"`, `"cuda"` or
+/// `"cuda:N"`. Any other text is refused as the value is read, naming the key, the value and
+/// where it was set; whether a GPU is there is only known at start (see
+/// [`tileflow_gpu::ComputeDevice::select`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// CUDA when a GPU is usable, else the CPU.
-    #[default]
-    Auto,
-    /// The CPU reference backend.
-    Cpu,
-    /// The CUDA backend (an error at start if none is usable).
-    Cuda,
+#[serde(try_from = "String", into = "String")]
+pub struct Device(pub DeviceChoice);
+
+impl TryFrom<String> for Device {
+    type Error = ParseDeviceError;
+
+    fn try_from(text: String) -> Result<Device, ParseDeviceError> {
+        text.parse().map(Device)
+    }
+}
+
+impl From<Device> for String {
+    fn from(device: Device) -> String {
+        device.0.to_string()
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// `[engine]`: the compute device.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Backend choice.
+    /// Backend choice, resolved once at start.
     pub device: Device,
     /// CPU worker threads; 0 uses every core.
     pub threads: usize,
@@ -380,3 +396,5 @@ impl ServerConfig {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_device;

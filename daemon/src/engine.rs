@@ -1,5 +1,6 @@
-//! The engine thread: owns the loaded models and their schedulers, steps them, and talks to
-//! the tokio side only through messages (no lock shared with the API on the hot path).
+//! The engine thread: owns the compute device, the loaded models and their schedulers, steps
+//! them, and talks to the tokio side only through messages (no lock shared with the API on the
+//! hot path).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,21 +8,21 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tileflow_engine::backend::cpu::CpuBackend;
-use tileflow_engine::model::{LoadOptions, LoadedModel};
-use tileflow_engine::sched::{
-    JobEvent, JobId, JobRequest, JobSink, Scheduler, SchedulerConfig, SubmitError,
-};
+use tileflow_engine::model::LoadOptions;
+use tileflow_engine::sched::{JobEvent, JobId, JobRequest, JobSink, SchedulerConfig, SubmitError};
 use tileflow_engine::store::Store;
-use tileflow_engine::tier::{ExpertCache, TierConfig, TierStats};
+use tileflow_engine::tier::{TierConfig, TierStats};
 use tileflow_engine::tokenizer::TextTokenizer;
+use tileflow_gpu::{ComputeDevice, DeviceChoice, GpuError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 
 mod report;
+mod served;
 
 pub use report::ModelReport;
+use served::{Schedule, ServedModel};
 
 /// What the API side needs of a loaded model without asking the engine thread.
 #[derive(Debug, Clone)]
@@ -45,6 +46,26 @@ pub enum Refusal {
     Submit(#[from] SubmitError),
     /// The engine thread is gone (shutting down).
     #[error("the engine is shutting down")]
+    Gone,
+}
+
+/// Why the engine thread did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The thread could not be spawned.
+    #[error("cannot start the engine thread")]
+    Spawn(#[source] std::io::Error),
+    /// The device asked for cannot be used.
+    #[error("cannot use the device {choice}")]
+    Device {
+        /// What was asked for.
+        choice: DeviceChoice,
+        /// Why.
+        #[source]
+        source: GpuError,
+    },
+    /// The thread ended before saying which device it chose.
+    #[error("the engine thread stopped while choosing the device")]
     Gone,
 }
 
@@ -88,6 +109,10 @@ pub struct EngineOptions {
     pub scheduler: SchedulerConfig,
     /// How models are opened.
     pub load: LoadOptions,
+    /// The device asked for, resolved once when the thread starts.
+    pub device: DeviceChoice,
+    /// Where compiled GPU kernels are cached (none: compiled at every start).
+    pub kernel_cache: Option<PathBuf>,
     /// Feed the systemd watchdog this often from the loop.
     pub watchdog: Option<Duration>,
 }
@@ -110,25 +135,61 @@ impl JobSink for ChannelSink {
     }
 }
 
+/// A started engine thread.
+#[derive(Debug)]
+pub struct StartedEngine {
+    /// The handle to talk to it.
+    pub handle: EngineHandle,
+    /// The thread, to join after [`EngineHandle::shutdown`].
+    pub thread: std::thread::JoinHandle<()>,
+    /// The device it runs models on, as `/api/status` names it: `cpu`, or `cuda:0 (…)`.
+    pub device: String,
+}
+
 impl EngineHandle {
-    /// Starts the engine thread.
-    pub fn start(
+    /// Starts the engine thread and waits until it has opened its device: `options.device`
+    /// resolved on that thread, which then owns the GPU context (if any) for its lifetime.
+    pub async fn start(
         options: EngineOptions,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    ) -> Result<StartedEngine, StartError> {
         let (tx, rx) = std_mpsc::channel();
+        let (chosen_tx, chosen) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("tileflow-engine".into())
             .spawn(move || {
+                let choice = options.device;
+                let device = match ComputeDevice::select(choice, options.kernel_cache.as_deref()) {
+                    Ok(device) => device,
+                    Err(source) => {
+                        let _ = chosen_tx.send(Err(StartError::Device { choice, source }));
+                        return;
+                    }
+                };
+                let shown = match device.fallback_reason() {
+                    Some(why) => format!("{device} ({why})"),
+                    None => device.to_string(),
+                };
+                tracing::info!(device = %shown, "compute device chosen");
+                if chosen_tx.send(Ok(device.to_string())).is_err() {
+                    return;
+                }
                 EngineThread {
                     options,
+                    device,
                     metrics,
                     models: BTreeMap::new(),
                     rx,
                 }
                 .run()
-            })?;
-        Ok((EngineHandle { tx }, thread))
+            })
+            .map_err(StartError::Spawn)?;
+        let device = chosen.await.map_err(|_| StartError::Gone)??;
+        Ok(StartedEngine {
+            handle: EngineHandle { tx },
+            thread,
+            device,
+        })
     }
 
     /// Queues a job; its events arrive on the returned receiver.
@@ -214,11 +275,9 @@ impl EngineHandle {
     }
 }
 
-type CpuScheduler = Scheduler<CpuBackend, ExpertCache>;
-
 /// A loaded model as the engine thread keeps it.
 struct Model {
-    sched: CpuScheduler,
+    sched: Box<dyn ServedModel>,
     /// Its tier counters at the last metrics update.
     last: TierStats,
     /// The tier configuration it was opened with.
@@ -227,6 +286,8 @@ struct Model {
 
 struct EngineThread {
     options: EngineOptions,
+    /// Where models are opened; its GPU context lives as long as the thread.
+    device: ComputeDevice,
     metrics: Arc<Metrics>,
     models: BTreeMap<String, Model>,
     rx: std_mpsc::Receiver<Command>,
@@ -273,10 +334,10 @@ impl EngineThread {
                         .prompt_tokens
                         .inc_by(report.prefill_tokens as u64);
                 }
-                let stats = m.sched.runner().experts().stats();
+                let stats = m.sched.tier_stats();
                 self.metrics.record_cache(&m.last, &stats);
                 // One event per wait for tileflow_expert_stall_seconds.
-                let stalls = m.sched.runner_mut().experts_mut().drain_stalls();
+                let stalls = m.sched.drain_stalls();
                 self.metrics.observe_stalls(&stalls);
                 device_resident += stats.device_resident_bytes;
                 host_resident += stats.host_resident_bytes;
@@ -286,7 +347,7 @@ impl EngineThread {
             self.metrics
                 .set_resident_bytes(device_resident, host_resident);
             let (waiting, running) = self.models.values().fold((0, 0), |(w, r), m| {
-                let (mw, mr) = m.sched.load();
+                let (mw, mr) = m.sched.queue();
                 (w + mw, r + mr)
             });
             self.metrics.requests_waiting.set(waiting as i64);
@@ -325,7 +386,7 @@ impl EngineThread {
                 let reports = self
                     .models
                     .iter()
-                    .map(|(name, m)| report::model_report(name, &m.sched, &m.tier))
+                    .map(|(name, m)| m.sched.report(name, &m.tier))
                     .collect();
                 let _ = reply.send(reports);
             }
@@ -355,14 +416,22 @@ impl EngineThread {
             });
         }
         crate::systemd::notify_status(&format!("loading model {name}"));
-        let model = LoadedModel::open(&store, name, &self.options.load).map_err(|e| chain(&e))?;
-        let tokenizer = TextTokenizer::from_dir(&model.dir).map_err(|e| chain(&e))?;
+        // A failure on the device (out of memory, a failed copy) fails this load only.
+        let sched = self
+            .device
+            .open_model(
+                &store,
+                name,
+                &self.options.load,
+                Schedule(self.options.scheduler),
+            )
+            .map_err(|e| chain(&e))?
+            .map_err(|e| chain(&e))?;
         let info = ModelInfo {
             name: name.to_string(),
-            tokenizer: tokenizer.clone(),
+            tokenizer: sched.tokenizer().clone(),
             created: created_of(&store, name),
         };
-        let sched = Scheduler::new(model.runner, tokenizer, self.options.scheduler);
         self.models.insert(
             name.to_string(),
             Model {

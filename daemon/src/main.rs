@@ -48,7 +48,7 @@ struct Flags {
         long,
         global = true,
         env = "TILEFLOW_ENGINE__DEVICE",
-        value_name = "auto|cpu|cuda"
+        value_name = "auto|cpu|cuda|cuda:N"
     )]
     device: Option<String>,
     /// Load this model before serving; repeatable (models.preload)
@@ -118,9 +118,9 @@ fn run(args: Args, matches: &ArgMatches) -> anyhow::Result<()> {
         }
         None => {
             let sources = sources(&args.flags, matches);
-            let config = Config::load_detailed(&sources)?.config;
-            let set_log_level = init_logging(&config)?;
-            tileflow_daemon::serve::serve(config, sources, set_log_level)
+            let loaded = Config::load_detailed(&sources)?;
+            let set_log_level = init_logging(&loaded.config)?;
+            tileflow_daemon::serve::serve(loaded, sources, set_log_level)
         }
     }
 }

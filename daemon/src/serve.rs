@@ -2,6 +2,7 @@
 //! `server.socket`), the optional loopback metrics listener, readiness, SIGHUP reloads and the
 //! SIGTERM drain.
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,8 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::{self, AppState, Peer};
-use crate::config::{Config, ConfigSources, Device};
-use crate::engine::{EngineHandle, EngineOptions};
+use crate::config::{Config, ConfigError, ConfigSources, Loaded, Origin};
+use crate::engine::{EngineHandle, EngineOptions, StartError};
 use crate::metrics::Metrics;
 use crate::systemd;
 
@@ -29,27 +30,34 @@ fn load_options(config: &Config) -> LoadOptions {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. `sources` are re-read on SIGHUP.
+/// Where compiled GPU kernels are kept: systemd's `CacheDirectory=` (`$CACHE_DIRECTORY`, the
+/// first when it lists several), else `<models.state_dir>/cache`.
+fn kernel_cache(config: &Config) -> PathBuf {
+    std::env::var_os("CACHE_DIRECTORY")
+        .and_then(|dirs| std::env::split_paths(&dirs).next())
+        .filter(|dir| dir.is_absolute())
+        .unwrap_or_else(|| config.models.state_dir.join("cache"))
+}
+
+/// Runs the daemon with the configuration `loaded` until SIGTERM/SIGINT. `sources` are re-read
+/// on SIGHUP. An `engine.device` that cannot be used is a [`ConfigError`].
 pub fn serve(
-    config: Config,
+    loaded: Loaded,
     sources: ConfigSources,
     set_log_level: SetLogLevel,
 ) -> anyhow::Result<()> {
-    if config.engine.device == Device::Cuda {
-        anyhow::bail!(
-            "engine.device = \"cuda\": the CUDA backend is not built yet; use \"cpu\" or \"auto\""
-        );
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tileflow-api")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config, sources, set_log_level))
+    let device_origin = loaded.origin("engine.device").clone();
+    runtime.block_on(run(loaded.config, device_origin, sources, set_log_level))
 }
 
 async fn run(
     config: Config,
+    device_origin: Origin,
     sources: ConfigSources,
     set_log_level: SetLogLevel,
 ) -> anyhow::Result<()> {
@@ -59,10 +67,23 @@ async fn run(
         scheduler: config.scheduler.limits(),
         load: load_options(&config),
         watchdog: systemd::watchdog_interval(),
+        device: config.engine.device.0,
+        kernel_cache: Some(kernel_cache(&config)),
     };
-    let (engine, engine_thread) = EngineHandle::start(engine_options, metrics.clone())
-        .context("cannot start the engine thread")?;
-    tracing::info!(device = "cpu", "compute device (CPU backend)");
+    // Opening a GPU the first time compiles its kernels.
+    systemd::notify_status("opening the compute device");
+    systemd::notify_extend_timeout(Duration::from_secs(300));
+    let started = EngineHandle::start(engine_options, metrics.clone())
+        .await
+        .map_err(|e| match e {
+            StartError::Device { choice, source } => anyhow::Error::new(ConfigError::Device {
+                device: choice.to_string(),
+                origin: device_origin,
+                source: Box::new(source),
+            }),
+            other => anyhow::Error::new(other),
+        })?;
+    let (engine, engine_thread) = (started.handle, started.thread);
     let state = Arc::new(AppState {
         engine: engine.clone(),
         models: RwLock::default(),
@@ -73,7 +94,7 @@ async fn run(
         drain_grace: RwLock::new(config.server.drain_grace.get()),
         max_body_bytes: RwLock::new(config.server.max_body_bytes.bytes()),
         started: Instant::now(),
-        device: "cpu".into(),
+        device: started.device,
     });
     for name in &config.models.preload {
         systemd::notify_status(&format!("loading model {name}"));

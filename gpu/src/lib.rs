@@ -4,14 +4,17 @@
 //!
 //! Everything CUDA is behind the `cuda` feature and loaded at run time (cudarc's dynamic
 //! loading), so a `cuda` build starts on a machine without a driver and [`probe`] says there is
-//! no GPU. Without the feature, [`probe`] always finds none.
+//! no GPU. Without the feature, [`probe`] always finds none. [`ComputeDevice`] picks the device
+//! (`auto`, `cpu`, `cuda`, `cuda:N`) and opens models on it in either build.
 
 mod probe;
+mod select;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 pub use probe::{probe, GpuError, GpuInfo, CUDA_BUILT};
+pub use select::{ComputeDevice, DeviceChoice, ParseDeviceError, UseModel};
 
 #[cfg(feature = "cuda")]
 pub use cuda::{open_model, CudaBackend, CudaDevice, CudaModel, CudaTierMemory};

@@ -1,9 +1,9 @@
 //! `tilectl bench stream` on a tiny synthetic model: one run per prefetch depth, with the
 //! fields the benchmark promises (structure only: no numbers are asserted, speed lives in
-//! benchmarks).
+//! benchmarks). Also `--device` of the in-process commands (`bench stream`, `run --offline`).
 
 use serde_json::Value;
-use tileflow_tests::tilectl_ok;
+use tileflow_tests::{tilectl, tilectl_ok};
 
 #[test]
 fn bench_stream_reports_every_depth_as_json() {
@@ -36,12 +36,15 @@ fn bench_stream_reports_every_depth_as_json() {
             "8",
             "--prefetch-depths",
             "0,1,2",
+            "--device",
+            "cpu",
             "--json",
         ],
     );
     let report: Value = serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stdout));
     assert_eq!(report["model"], "tiny");
+    assert_eq!(report["backend"], "cpu");
     assert_eq!(report["batch"], 2);
     assert_eq!(report["expert_slots"], 8);
     let runs = report["runs"].as_array().unwrap();
@@ -113,4 +116,50 @@ fn bench_stream_warm_and_prompt_length() {
     assert_eq!(r["bytes_read"], 0, "a warm, all-resident cache read: {r}");
     assert_eq!(r["h2d_bytes_per_token"], 0.0, "{r}");
     assert_eq!(r["device_misses"], 0, "{r}");
+}
+
+#[test]
+fn in_process_commands_run_on_the_device_asked_for() {
+    let state = tempfile::tempdir().unwrap();
+    let s = state.path();
+    tilectl_ok(s, &["model", "synth", "--preset", "tiny", "--name", "tiny"]);
+    let run = &["run", "tiny", "-p", "hello", "--max-tokens", "2"];
+    for device in [&["--device", "cpu"][..], &[][..]] {
+        let ran = tilectl_ok(s, &[&run[..], device].concat());
+        assert!(
+            ran.stderr.contains("tokens/s (cpu)"),
+            "{device:?}: {}",
+            ran.stderr
+        );
+    }
+    // The binaries under test are built without the `cuda` feature.
+    let bench = &[
+        "bench",
+        "stream",
+        "tiny",
+        "--tokens",
+        "1",
+        "--prefetch-depths",
+        "0",
+    ];
+    for (args, device) in [(&run[..], "cuda"), (&bench[..], "cuda:1")] {
+        let refused = tilectl(s, &[args, &["--device", device]].concat());
+        assert!(!refused.ok, "{args:?} --device {device} succeeded");
+        for needle in [
+            &format!("--device {device} cannot be used"),
+            "this build has no CUDA backend",
+        ] {
+            assert!(
+                refused.stderr.contains(needle),
+                "{args:?}: {}",
+                refused.stderr
+            );
+        }
+    }
+    let bad = tilectl(s, &[&bench[..], &["--device", "tpu"]].concat());
+    assert!(
+        !bad.ok && bad.stderr.contains("\"tpu\" is not a device"),
+        "{}",
+        bad.stderr
+    );
 }

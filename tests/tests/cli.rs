@@ -83,6 +83,7 @@ fn version_help_and_usage_errors() {
         "--prompt-ids",
         "--expert-slots",
         "--logprobs",
+        "--device",
         "--json",
     ] {
         assert!(run.stdout.contains(flag), "run --help lacks {flag}");
@@ -96,6 +97,10 @@ fn version_help_and_usage_errors() {
         (
             &["run", "m", "-p", "x", "--logprobs", "many"][..],
             "--logprobs",
+        ),
+        (
+            &["run", "m", "-p", "x", "--device", "gpu"][..],
+            "\"gpu\" is not a device",
         ),
         (&["frobnicate"][..], "unrecognized subcommand"),
     ] {

@@ -84,6 +84,11 @@ fn status_ps_and_models_through_the_daemon() {
     assert_eq!(status["models"].as_array().unwrap().len(), 0);
     let text = d.tilectl_ok(&["status"]).stdout;
     assert!(text.contains("none loaded"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("device") && l.trim_end().ends_with("cpu")),
+        "{text}"
+    );
     assert!(text.contains(d.socket().to_str().unwrap()), "{text}");
 
     let list = d.tilectl_ok(&["model", "list"]).stdout;
@@ -248,6 +253,16 @@ fn run_streams_through_the_daemon_like_offline() {
     let run = d.tilectl(&["run", "nosuch"], "hi\n");
     assert!(
         !run.ok && run.stderr.contains("not loaded"),
+        "{}",
+        run.stderr
+    );
+    // The daemon's device is its own: --device is for offline runs.
+    let run = d.tilectl(&["run", "tiny", "--prompt", "x", "--device", "cpu"], "");
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("--device cpu chooses the device of an --offline run"),
         "{}",
         run.stderr
     );

@@ -1,11 +1,12 @@
 //! `tileflowd config default|check` end to end: the real binary, with a clean environment, on
-//! config files, drop-ins, environment variables and flags made in a temporary directory.
+//! config files, drop-ins, environment variables and flags made in a temporary directory; and
+//! `engine.device` at start (the binaries under test are built without the `cuda` feature).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tileflow_tests::{bin, repo_root, Run};
+use tileflow_tests::{bin, repo_root, Daemon, Run};
 
 /// Exit status of a configuration error.
 const EXIT_CONFIG: i32 = 2;
@@ -230,7 +231,11 @@ fn bad_values_name_the_key() {
         ),
         (
             "[engine]\ndevice = \"tpu\"\n",
-            "engine.device: unknown variant `tpu`",
+            "engine.device: \"tpu\" is not a device",
+        ),
+        (
+            "[engine]\ndevice = \"cuda:x\"\n",
+            "engine.device: \"cuda:x\" is not a device: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"",
         ),
         (
             "[server]\nrequest_timeout = \"10 fortnights\"\n",
@@ -251,8 +256,11 @@ fn bad_values_name_the_key() {
     assert_config_error(
         code,
         &run,
-        &["flag --device: engine.device: unknown variant `tpu`"],
+        &["flag --device: engine.device: \"tpu\" is not a device"],
     );
+    let (code, run) = cfg.check(&["--device", "cuda:1"], &[]);
+    assert_eq!(code, 0, "{}", run.stderr);
+    assert_eq!(value(&run, "engine", "device").as_str(), Some("cuda:1"));
 }
 
 #[test]
@@ -304,4 +312,65 @@ fn config_errors_exit_2_before_serving() {
     let (code, run) = tileflowd(&["--config", file.to_str().unwrap()], &[]);
     assert_config_error(code, &run, &["scheduler.max_running must be ≥ 1"]);
     assert!(Path::new(&file).exists());
+}
+
+/// Runs `tileflowd` (serving) on a temporary socket and state directory with `args`.
+fn serve_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, Run) {
+    let config = dir.join("tileflowd.toml");
+    fs::write(&config, "").unwrap();
+    let socket = dir.join("s.sock");
+    let state = dir.join("state");
+    let mut all = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    tileflowd(&all, env)
+}
+
+#[test]
+fn a_gpu_asked_of_a_build_without_cuda_is_a_config_error_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, run) = serve_in(dir.path(), &["--device", "cuda"], &[]);
+    assert_config_error(
+        code,
+        &run,
+        &[
+            "engine.device = \"cuda\" (set by --device) cannot be used",
+            "this build has no CUDA backend",
+        ],
+    );
+    let (code, run) = serve_in(dir.path(), &[], &[("TILEFLOW_ENGINE__DEVICE", "cuda:1")]);
+    assert_config_error(
+        code,
+        &run,
+        &[
+            "engine.device = \"cuda:1\" (set by TILEFLOW_ENGINE__DEVICE) cannot be used",
+            "this build has no CUDA backend",
+        ],
+    );
+    // It stopped before serving: no socket was bound.
+    assert!(!dir.path().join("s.sock").exists());
+    let (code, run) = serve_in(dir.path(), &["--device", "tpu"], &[]);
+    assert_config_error(code, &run, &["engine.device: \"tpu\" is not a device"]);
+}
+
+#[test]
+fn cpu_and_auto_serve_on_the_cpu_and_status_says_so() {
+    for (args, logged) in [
+        (&["--device", "cpu"][..], "device=cpu\n"),
+        (&[][..], "device=cpu (this build has no CUDA backend)"),
+    ] {
+        let mut d = Daemon::builder().args(args).start();
+        let status = d.client().get("/api/status");
+        assert_eq!(status.status, 200, "{}", status.text());
+        assert_eq!(status.json()["device"], "cpu", "{args:?}");
+        let log = d.stderr();
+        assert!(log.contains(logged), "{args:?}: {logged:?} not in:\n{log}");
+        assert!(d.terminate().success(), "{}", d.stderr());
+    }
 }

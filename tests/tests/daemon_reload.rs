@@ -29,7 +29,7 @@ fn sighup_with_a_broken_config_keeps_serving_and_a_valid_one_applies() {
 
     std::fs::write(
         &config,
-        "[server]\nrequest_timeout = \"2m\"\n[engine]\nthreads = 1\n[cache]\ndevice_bytes = \"64MiB\"\n",
+        "[server]\nrequest_timeout = \"2m\"\n[engine]\ndevice = \"cpu\"\nthreads = 1\n[cache]\ndevice_bytes = \"64MiB\"\n",
     )
     .unwrap();
     d.signal(Signal::SIGHUP);
@@ -41,7 +41,10 @@ fn sighup_with_a_broken_config_keeps_serving_and_a_valid_one_applies() {
         log.contains("server.request_timeout") && log.contains("applied"),
         "{log}"
     );
-    assert!(log.contains("engine.threads"), "{log}");
+    assert!(
+        log.contains("take effect after a restart: engine.device, engine.threads"),
+        "{log}"
+    );
     assert!(
         log.contains("apply to models loaded after the reload: cache.device_bytes"),
         "{log}"

@@ -91,7 +91,7 @@ pub const KEYS: &[ConfigKey] = &[
     key("server.request_timeout", true, "A request not finished in this time is cancelled."),
     key("server.drain_grace", true, "On SIGTERM, running requests may finish for this long, then they are cancelled."),
     key("server.max_body_bytes", true, "Largest request body accepted (bytes, or with a unit: \"64KiB\", \"1MB\")."),
-    key("engine.device", false, "Compute backend: \"auto\" (CUDA when a GPU is usable, else the CPU), \"cpu\" or \"cuda\"."),
+    key("engine.device", false, "Compute device: \"auto\" (the first GPU when the build has CUDA and one is usable,\nelse the CPU), \"cpu\", \"cuda\" (the first GPU) or \"cuda:N\" (GPU N). A GPU asked for\nthat cannot be used stops the start. Compiled GPU kernels are cached in\n$CACHE_DIRECTORY (systemd's CacheDirectory=), else in <models.state_dir>/cache."),
     key("engine.threads", false, "CPU worker threads; 0 uses every core."),
     key("scheduler.max_running", false, "Requests decoded together in one batch at most."),
     key("scheduler.max_waiting", true, "Requests queued behind the running batch at most; more are refused with 429."),

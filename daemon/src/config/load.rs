@@ -158,6 +158,18 @@ pub enum ConfigError {
         /// Where the value came from.
         origin: Origin,
     },
+    /// `engine.device` names a GPU this build or machine cannot provide (found at start, when
+    /// the device is opened).
+    #[error("engine.device = \"{device}\" ({}) cannot be used", origin.setter())]
+    Device {
+        /// The value.
+        device: String,
+        /// Where it was set.
+        origin: Origin,
+        /// Why the GPU cannot be used (boxed: it is larger than the other variants).
+        #[source]
+        source: Box<tileflow_gpu::GpuError>,
+    },
 }
 
 impl ConfigError {
@@ -166,6 +178,7 @@ impl ConfigError {
         let key: &str = match self {
             ConfigError::BadValue { key, .. } | ConfigError::Invalid { key, .. } => key,
             ConfigError::UnknownKey { key, .. } => key,
+            ConfigError::Device { .. } => "engine.device",
             _ => return None,
         };
         Some(key).filter(|k| !k.is_empty())

@@ -10,12 +10,12 @@ use super::keys::to_table;
 use super::*;
 
 /// A config file (and drop-in directory) in a temporary directory.
-struct Files {
+pub(super) struct Files {
     dir: tempfile::TempDir,
 }
 
 impl Files {
-    fn new(main: Option<&str>) -> Files {
+    pub(super) fn new(main: Option<&str>) -> Files {
         let dir = tempfile::tempdir().unwrap();
         if let Some(text) = main {
             fs::write(dir.path().join("tileflowd.toml"), text).unwrap();
@@ -23,7 +23,7 @@ impl Files {
         Files { dir }
     }
 
-    fn path(&self) -> PathBuf {
+    pub(super) fn path(&self) -> PathBuf {
         self.dir.path().join("tileflowd.toml")
     }
 
@@ -34,7 +34,7 @@ impl Files {
         d.join(name)
     }
 
-    fn opts(&self) -> ConfigSources {
+    pub(super) fn opts(&self) -> ConfigSources {
         ConfigSources {
             config: Some(self.path()),
             ..ConfigSources::default()
@@ -42,11 +42,11 @@ impl Files {
     }
 }
 
-fn env(vars: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+pub(super) fn env(vars: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
     vars.iter().map(|(k, v)| (k.into(), v.into())).collect()
 }
 
-fn load_err(opts: &ConfigSources) -> String {
+pub(super) fn load_err(opts: &ConfigSources) -> String {
     Config::load(opts).unwrap_err().to_string()
 }
 
@@ -166,7 +166,7 @@ fn env_overrides_files_and_flags_override_env() {
     let loaded = Config::load_detailed(&opts).unwrap();
     let c = &loaded.config;
     assert_eq!(c.server.socket, Path::new("/env.sock"));
-    assert_eq!(c.engine.device, Device::Cpu);
+    assert_eq!(c.engine.device, Device(DeviceChoice::Cpu));
     assert_eq!(c.scheduler.max_running, 20);
     assert_eq!(c.models.preload, ["olmoe", "qwen3"]);
     assert_eq!(c.server.request_timeout.get(), Duration::from_secs(90));
@@ -257,7 +257,7 @@ fn file_errors_name_the_file_line_and_key() {
     fs::write(&bad, "[engine]\ndevice = \"tpu\"\n").unwrap();
     let err = load_err(&files.opts());
     assert!(
-        err.contains("50-bad.toml:2: engine.device: unknown variant `tpu`"),
+        err.contains("50-bad.toml:2: engine.device: \"tpu\" is not a device"),
         "{err}"
     );
     fs::write(&bad, "[server]\nsocket = \n").unwrap();
@@ -355,6 +355,7 @@ fn live_diff_splits_live_next_load_and_restart_keys() {
     new.models.preload = vec!["x".into()];
     new.cache.device_bytes = ByteSize(64 << 20);
     new.storage.backend = StorageBackend::Pread;
+    new.engine.device = Device(DeviceChoice::Cuda(Some(1)));
     let diff = Config::live_diff(&old, &new);
     assert_eq!(
         diff.live,
@@ -369,7 +370,12 @@ fn live_diff_splits_live_next_load_and_restart_keys() {
     assert_eq!(diff.next_load, ["cache.device_bytes", "storage.backend"]);
     assert_eq!(
         diff.restart,
-        ["server.socket", "scheduler.max_running", "models.preload"]
+        [
+            "server.socket",
+            "engine.device",
+            "scheduler.max_running",
+            "models.preload"
+        ]
     );
     let live_keys: Vec<_> = KEYS
         .iter()

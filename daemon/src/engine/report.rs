@@ -1,12 +1,12 @@
 //! What the engine thread reports about a loaded model: its `/api/status` row and its
 //! `/api/cache` entry, built from the tier's counters ([`TierStats`]) and the tier
-//! configuration the model was opened with ([`TierConfig`]).
-//! and what the cache says of itself ([`CacheFacts`]).
+//! configuration the model was opened with ([`TierConfig`]) and what the cache says of itself
+//! ([`CacheFacts`]), on whichever backend and tier memory the model runs.
 
 use tileflow_client::native::{ModelCache, ModelStatus, PrefetchCache, StorageCache, TierCache};
-use tileflow_engine::tier::{Lookups, TierConfig, TierStats};
-
-use super::CpuScheduler;
+use tileflow_engine::backend::Backend;
+use tileflow_engine::sched::Scheduler;
+use tileflow_engine::tier::{ExpertCache, Lookups, TierConfig, TierMemory, TierStats};
 
 /// One loaded model, as `/api/status` and `/api/cache` show it.
 #[derive(Debug, Clone, Default)]
@@ -34,7 +34,7 @@ pub struct CacheFacts {
 
 impl CacheFacts {
     /// The facts of a loaded model's cache.
-    pub fn of(cache: &tileflow_engine::tier::ExpertCache) -> CacheFacts {
+    pub fn of<M: TierMemory>(cache: &ExpertCache<M>) -> CacheFacts {
         CacheFacts {
             device_slots: cache.capacity(),
             host_slots: cache.host_slots(),
@@ -46,7 +46,11 @@ impl CacheFacts {
 }
 
 /// The report of the model `name`, opened with `tier`.
-pub fn model_report(name: &str, sched: &CpuScheduler, tier: &TierConfig) -> ModelReport {
+pub fn model_report<B: Backend, M: TierMemory>(
+    name: &str,
+    sched: &Scheduler<B, ExpertCache<M>>,
+    tier: &TierConfig,
+) -> ModelReport {
     let (waiting, running) = sched.load();
     let kv = sched.runner().kv_cache();
     let cache = sched.runner().experts();
