@@ -8,6 +8,7 @@
 //! Metadata that steers an op (token positions, block tables, routing decisions) is passed as
 //! small host-side structures; a device backend uploads them per step, as vLLM does.
 
+pub mod check;
 pub mod cpu;
 
 use crate::dtype::Dtype;

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::{shape_err, CpuKvPool};
-use crate::backend::{AttentionPlan, BackendError, HostMatrix};
+use super::CpuKvPool;
+use crate::backend::{check, AttentionPlan, BackendError, HostMatrix};
 
 /// Paged attention: one rayon task per (token, head).
 pub(super) fn attention(
@@ -14,50 +14,8 @@ pub(super) fn attention(
 ) -> Result<HostMatrix, BackendError> {
     let (heads, kv_heads, hd) = (plan.num_heads, plan.num_kv_heads, plan.head_dim);
     let layout = &pool.layout;
-    if q.cols != heads * hd
-        || kv_heads == 0
-        || heads % kv_heads != 0
-        || layout.slot_width() != kv_heads * hd
-        || layer >= layout.num_layers
-    {
-        return Err(shape_err(
-            "attention",
-            format!(
-                "q [{}, {}] with {heads} heads x {hd}, {kv_heads} kv heads, layer {layer}, pool slot width {}",
-                q.rows,
-                q.cols,
-                layout.slot_width()
-            ),
-        ));
-    }
-    // Which chunk each row belongs to; every row must be covered, every position cached.
+    let row_chunk = check::attention(layout, layer, (q.rows, q.cols), plan)?;
     let bs = layout.block_size;
-    let mut row_chunk = vec![usize::MAX; q.rows];
-    for (ci, c) in plan.chunks.iter().enumerate() {
-        let last_pos = c.start_pos + c.rows;
-        if c.first_row + c.rows > q.rows || last_pos.div_ceil(bs) > c.blocks.len() {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "chunk at row {} of {} rows from position {} has {} blocks",
-                    c.first_row,
-                    c.rows,
-                    c.start_pos,
-                    c.blocks.len()
-                ),
-            ));
-        }
-        if let Some(b) = c.blocks.iter().find(|&&b| b as usize >= layout.num_blocks) {
-            return Err(shape_err(
-                "attention",
-                format!("block {b} of {}", layout.num_blocks),
-            ));
-        }
-        row_chunk[c.first_row..c.first_row + c.rows].fill(ci);
-    }
-    if let Some(r) = row_chunk.iter().position(|&c| c == usize::MAX) {
-        return Err(shape_err("attention", format!("row {r} is in no chunk")));
-    }
 
     let group = heads / kv_heads;
     let width = layout.slot_width();

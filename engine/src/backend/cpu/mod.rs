@@ -259,23 +259,14 @@ impl Backend for CpuBackend {
         v: &HostMatrix,
         slots: &[usize],
     ) -> Result<(), BackendError> {
+        super::check::write_kv(
+            &pool.layout,
+            layer,
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            slots,
+        )?;
         let width = pool.layout.slot_width();
-        let n_slots = pool.layout.slots();
-        same_shape("write_kv", k, v)?;
-        if k.cols != width || k.rows != slots.len() || layer >= pool.layout.num_layers {
-            return Err(shape_err(
-                "write_kv",
-                format!(
-                    "k [{}, {}] with {} slots into layer {layer} of slot width {width}",
-                    k.rows,
-                    k.cols,
-                    slots.len()
-                ),
-            ));
-        }
-        if let Some(bad) = slots.iter().find(|&&s| s >= n_slots) {
-            return Err(shape_err("write_kv", format!("slot {bad} of {n_slots}")));
-        }
         for (r, &s) in slots.iter().enumerate() {
             pool.k[layer][s * width..(s + 1) * width].copy_from_slice(k.row(r));
             pool.v[layer][s * width..(s + 1) * width].copy_from_slice(v.row(r));
@@ -300,9 +291,7 @@ impl Backend for CpuBackend {
         renormalize: bool,
     ) -> Result<Routing, BackendError> {
         let e = logits.cols;
-        if top_k == 0 || top_k > e {
-            return Err(shape_err("route", format!("top_k {top_k} of {e} experts")));
-        }
+        super::check::route(e, top_k)?;
         let mut experts = Vec::with_capacity(logits.rows * top_k);
         let mut weights = Vec::with_capacity(logits.rows * top_k);
         let mut order: Vec<usize> = Vec::with_capacity(e);
@@ -381,16 +370,11 @@ impl Backend for CpuBackend {
         y: &HostMatrix,
         gate_logit: &HostMatrix,
     ) -> Result<(), BackendError> {
-        same_shape("add_gated", out, y)?;
-        if gate_logit.cols != 1 || gate_logit.rows != out.rows {
-            return Err(shape_err(
-                "add_gated",
-                format!(
-                    "gate [{}, {}] for {} rows",
-                    gate_logit.rows, gate_logit.cols, out.rows
-                ),
-            ));
-        }
+        super::check::add_gated(
+            (out.rows, out.cols),
+            (y.rows, y.cols),
+            (gate_logit.rows, gate_logit.cols),
+        )?;
         let h = out.cols;
         for ((o, yr), &g) in out
             .data

@@ -2,7 +2,9 @@
 //! experts read from their slots.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use tileflow_engine::backend::{AttentionPlan, BackendError, ExpertBytes, ExpertWork, Routing};
+use tileflow_engine::backend::{
+    check, AttentionPlan, BackendError, ExpertBytes, ExpertWork, Routing,
+};
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::pack::ProjectionExtent;
 
@@ -26,48 +28,20 @@ pub(super) fn attention(
 ) -> Result<CudaAct, BackendError> {
     let (heads, kv_heads, hd) = (plan.num_heads, plan.num_kv_heads, plan.head_dim);
     let layout = &pool.layout;
-    if q.cols != heads * hd
-        || kv_heads == 0
-        || heads % kv_heads != 0
-        || hd > ATT_MAX_HEAD_DIM
-        || layout.slot_width() != kv_heads * hd
-        || layer >= layout.num_layers
-    {
+    check::attention(layout, layer, (q.rows, q.cols), plan)?;
+    if hd > ATT_MAX_HEAD_DIM {
         return Err(shape_err(
             "attention",
-            format!(
-                "q [{}, {}] with {heads} heads x {hd}, {kv_heads} kv heads, layer {layer}, pool slot width {}",
-                q.rows,
-                q.cols,
-                layout.slot_width()
-            ),
+            format!("head_dim {hd} is over the {ATT_MAX_HEAD_DIM} the kernel handles"),
         ));
     }
-    let bs = layout.block_size;
-    let mut pos = vec![u32::MAX; q.rows];
+    // Per row: its position, the first key it sees, and where its chunk's blocks start in
+    // the concatenated block tables.
+    let mut pos = vec![0u32; q.rows];
     let mut lo = vec![0u32; q.rows];
     let mut table_off = vec![0u32; q.rows];
     let mut tables: Vec<u32> = Vec::new();
     for c in &plan.chunks {
-        let last_pos = c.start_pos + c.rows;
-        if c.first_row + c.rows > q.rows || last_pos.div_ceil(bs) > c.blocks.len() {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "chunk at row {} of {} rows from position {} has {} blocks",
-                    c.first_row,
-                    c.rows,
-                    c.start_pos,
-                    c.blocks.len()
-                ),
-            ));
-        }
-        if let Some(b) = c.blocks.iter().find(|&&b| b as usize >= layout.num_blocks) {
-            return Err(shape_err(
-                "attention",
-                format!("block {b} of {}", layout.num_blocks),
-            ));
-        }
         let off = u32::try_from(tables.len())
             .map_err(|_| shape_err("attention", "block tables too long".into()))?;
         tables.extend_from_slice(&c.blocks);
@@ -79,9 +53,6 @@ pub(super) fn attention(
             lo[r] = plan.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w)) as u32;
             table_off[r] = off;
         }
-    }
-    if let Some(r) = pos.iter().position(|&p| p == u32::MAX) {
-        return Err(shape_err("attention", format!("row {r} is in no chunk")));
     }
     let mut out = be.alloc_act("attention", q.rows, q.cols)?;
     if q.rows == 0 || heads == 0 || tables.is_empty() {
@@ -102,7 +73,7 @@ pub(super) fn attention(
         int("attention", heads)?,
         int("attention", kv_heads)?,
         int("attention", hd)?,
-        int("attention", bs)?,
+        int("attention", layout.block_size)?,
     );
     let scale = plan.scale;
     let cfg = LaunchConfig {
@@ -138,9 +109,7 @@ pub(super) fn route(
     renormalize: bool,
 ) -> Result<Routing, BackendError> {
     let e = logits.cols;
-    if top_k == 0 || top_k > e {
-        return Err(shape_err("route", format!("top_k {top_k} of {e} experts")));
-    }
+    check::route(e, top_k)?;
     let n = logits.rows * top_k;
     let s = &be.dev.compute;
     if n == 0 {

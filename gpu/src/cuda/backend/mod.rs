@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
 use tileflow_engine::backend::{
-    AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing,
+    check, AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing,
 };
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
@@ -494,23 +494,14 @@ impl Backend for CudaBackend {
         v: &CudaAct,
         slots: &[usize],
     ) -> Result<(), BackendError> {
+        check::write_kv(
+            &pool.layout,
+            layer,
+            (k.rows, k.cols),
+            (v.rows, v.cols),
+            slots,
+        )?;
         let width = pool.layout.slot_width();
-        let n_slots = pool.layout.slots();
-        same_shape("write_kv", k, v)?;
-        if k.cols != width || k.rows != slots.len() || layer >= pool.layout.num_layers {
-            return Err(shape_err(
-                "write_kv",
-                format!(
-                    "k [{}, {}] with {} slots into layer {layer} of slot width {width}",
-                    k.rows,
-                    k.cols,
-                    slots.len()
-                ),
-            ));
-        }
-        if let Some(bad) = slots.iter().find(|&&s| s >= n_slots) {
-            return Err(shape_err("write_kv", format!("slot {bad} of {n_slots}")));
-        }
         if slots.is_empty() {
             return Ok(());
         }
@@ -579,16 +570,11 @@ impl Backend for CudaBackend {
         y: &CudaAct,
         gate_logit: &CudaAct,
     ) -> Result<(), BackendError> {
-        same_shape("add_gated", out, y)?;
-        if gate_logit.cols != 1 || gate_logit.rows != out.rows {
-            return Err(shape_err(
-                "add_gated",
-                format!(
-                    "gate [{}, {}] for {} rows",
-                    gate_logit.rows, gate_logit.cols, out.rows
-                ),
-            ));
-        }
+        check::add_gated(
+            (out.rows, out.cols),
+            (y.rows, y.cols),
+            (gate_logit.rows, gate_logit.cols),
+        )?;
         if out.rows * out.cols == 0 {
             return Ok(());
         }
