@@ -2,7 +2,7 @@
 //!
 //! Every field that changes the math is read as transformers 5 reads it and honoured; a family
 //! or an option we do not implement is an error that names the field, never a silently
-//! different model. The parsing lives in [`config`] (and its RoPE part in `rope_config`); this
+//! different model. The parsing lives in `config` (and its RoPE part in `rope_config`); this
 //! file holds the spec types and [`ModelSpec::validate`], which a tile pack's manifest is
 //! checked with too.
 
