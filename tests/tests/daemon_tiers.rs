@@ -257,6 +257,10 @@ fn a_pack_truncated_under_the_daemon_fails_requests_not_the_daemon() {
         .model("mixtral")
         .model("olmoe")
         .env("TILEFLOW_CACHE__EXPERT_SLOTS", "2")
+        // No host tier: every device miss reads experts.tiles again. With one, the first
+        // requests and their prefetches could have brought every expert into host memory before
+        // the cut, and nothing would read the lost half (seen once in CI).
+        .env("TILEFLOW_CACHE__HOST_BYTES", "0")
         .start();
     assert!(failures(&d, "mixtral", 2).is_empty(), "{}", d.stderr());
     let tiles = d.state_dir().join("models/mixtral/experts.tiles");
