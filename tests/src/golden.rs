@@ -140,6 +140,11 @@ impl Continuation {
     /// Panics (naming `what`) unless the tokens are equal and every logprob, chosen and top,
     /// is within [`LOGPROB_TOLERANCE`]. Alternatives are matched by id, so ties may reorder.
     pub fn assert_matches(&self, expected: &Continuation, what: &str) {
+        self.assert_within(expected, what, LOGPROB_TOLERANCE);
+    }
+
+    /// As [`Continuation::assert_matches`] with another tolerance; returns the largest |Δ|.
+    pub fn assert_within(&self, expected: &Continuation, what: &str, tolerance: f64) -> f64 {
         assert_eq!(self.tokens, expected.tokens, "{what}: tokens differ");
         assert_eq!(
             self.logprobs.len(),
@@ -150,7 +155,7 @@ impl Continuation {
         for (step, (got, want)) in self.logprobs.iter().zip(&expected.logprobs).enumerate() {
             let d = (got - want).abs();
             assert!(
-                d <= LOGPROB_TOLERANCE,
+                d <= tolerance,
                 "{what}: step {step}: logprob {got} vs {want} (|Δ| {d:.2e})"
             );
             worst = worst.max(d);
@@ -172,10 +177,12 @@ impl Continuation {
                     });
                 let d = (other - lp).abs();
                 assert!(
-                    d <= LOGPROB_TOLERANCE,
+                    d <= tolerance,
                     "{what}: step {step}: top token {id}: {other} vs {lp} (|Δ| {d:.2e})"
                 );
+                worst = worst.max(d);
             }
         }
+        worst
     }
 }

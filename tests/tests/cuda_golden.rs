@@ -12,12 +12,11 @@ use tileflow_engine::backend::Backend;
 use tileflow_engine::model::LoadOptions;
 use tileflow_engine::store::Store;
 use tileflow_gpu::{open_model, CudaDevice};
-use tileflow_tests::golden;
-use tileflow_tests::greedy::{check_golden, greedy_batch, import_fixture, prompt_ids};
-use tileflow_tests::FAMILIES;
+use tileflow_tests::greedy::{greedy_batch, import_fixture};
+use tileflow_tests::{golden_cases, FAMILIES};
 
 /// f32 weights and activations on both sides; only the order of the sums differs.
-const F32_LOGPROB_TOLERANCE: f32 = 1e-3;
+const F32_LOGPROB_TOLERANCE: f64 = 1e-3;
 
 fn device() -> Option<Arc<CudaDevice>> {
     match tileflow_gpu::probe() {
@@ -37,24 +36,25 @@ fn cuda_engine_matches_transformers_alone_batched_and_streaming() {
     let state = tempfile::tempdir().unwrap();
     for family in FAMILIES {
         import_fixture(state.path(), family);
-        let g = golden(family);
-        let cases = g["cases"].as_array().unwrap();
-        let prompts: Vec<Vec<u32>> = cases.iter().map(prompt_ids).collect();
-        let steps = cases[0]["max_new_tokens"].as_u64().unwrap() as usize;
+        let cases = golden_cases(family);
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+        let steps = cases[0].continuation.tokens.len();
         let store = Store::new(state.path());
 
         let mut all = open_model(&store, family, &LoadOptions::default(), &dev).unwrap();
         assert_eq!(all.runner.backend().name(), "cuda:0");
         let mut alone = Vec::new();
-        let mut worst = 0f32;
-        for (case, p) in cases.iter().zip(&prompts) {
+        let mut worst = 0f64;
+        for (i, (case, p)) in cases.iter().zip(&prompts).enumerate() {
             let got = greedy_batch(&mut all.runner, std::slice::from_ref(p), steps).remove(0);
-            worst = worst.max(check_golden(family, case, &got, F32_LOGPROB_TOLERANCE));
+            let what = format!("{family} case {i} alone");
+            worst = worst.max(got.assert_within(&case.continuation, &what, F32_LOGPROB_TOLERANCE));
             alone.push(got);
         }
         let batched = greedy_batch(&mut all.runner, &prompts, steps);
-        for (case, got) in cases.iter().zip(&batched) {
-            worst = worst.max(check_golden(family, case, got, F32_LOGPROB_TOLERANCE));
+        for (i, (case, got)) in cases.iter().zip(&batched).enumerate() {
+            let what = format!("{family} case {i} batched");
+            worst = worst.max(got.assert_within(&case.continuation, &what, F32_LOGPROB_TOLERANCE));
         }
 
         let top_k = all.manifest.spec.moe.top_k;
@@ -132,23 +132,13 @@ fn cuda_and_cpu_agree_at_every_step_of_every_golden_case() {
         let options = LoadOptions::default();
         let mut gpu = open_model(&store, family, &options, &dev).unwrap();
         let mut cpu = tileflow_engine::model::LoadedModel::open(&store, family, &options).unwrap();
-        for (i, case) in golden(family)["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-        {
-            let forced: Vec<u32> = case["tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
-            let d = stepwise(&mut cpu.runner, &mut gpu.runner, &prompt_ids(case), &forced);
+        for (i, case) in golden_cases(family).iter().enumerate() {
+            let forced = &case.continuation.tokens;
+            let d = stepwise(&mut cpu.runner, &mut gpu.runner, &case.prompt_ids, forced);
             let worst = d.iter().copied().fold(0.0, f32::max);
             let d: Vec<String> = d.iter().map(|v| format!("{v:.0e}")).collect();
             eprintln!("{family} case {i}: max |Δlogprob| per step {}", d.join(" "));
-            if worst > F32_LOGPROB_TOLERANCE {
+            if f64::from(worst) > F32_LOGPROB_TOLERANCE {
                 failures.push(format!("{family} case {i}: {worst:e}"));
             }
         }

@@ -19,8 +19,8 @@ use tileflow_engine::rope::RopeTable;
 use tileflow_engine::store::Store;
 use tileflow_gpu::{CudaBackend, CudaDevice};
 use tileflow_tests::engine_help::PackExperts;
-use tileflow_tests::greedy::{import_fixture, prompt_ids};
-use tileflow_tests::{golden, FAMILIES};
+use tileflow_tests::greedy::import_fixture;
+use tileflow_tests::{golden_cases, FAMILIES};
 
 /// Runs every op on both backends and records where their results part.
 #[derive(Debug)]
@@ -229,15 +229,10 @@ fn every_op_of_every_fixture_agrees_with_the_cpu() {
             KvCacheConfig::default(),
         )
         .unwrap();
-        for (i, case) in golden(family)["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-        {
-            let prompt = prompt_ids(case);
+        for (i, case) in golden_cases(family).iter().enumerate() {
+            let prompt = &case.prompt_ids;
             runner.add_sequence(i as u64).unwrap();
-            runner.step(&[SeqChunk::new(i as u64, &prompt, 0)]).unwrap();
+            runner.step(&[SeqChunk::new(i as u64, prompt, 0)]).unwrap();
             runner.free_sequence(i as u64).unwrap();
             let mut worst = runner.backend().worst.borrow_mut();
             if !worst.is_empty() {

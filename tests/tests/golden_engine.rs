@@ -4,33 +4,32 @@
 
 use tileflow_engine::model::{LoadOptions, LoadedModel};
 use tileflow_engine::store::Store;
-use tileflow_tests::golden;
-use tileflow_tests::greedy::{check_golden, greedy_batch, import_fixture, prompt_ids};
-use tileflow_tests::FAMILIES;
+use tileflow_tests::greedy::{greedy_batch, import_fixture};
+use tileflow_tests::{golden_cases, FAMILIES, LOGPROB_TOLERANCE};
 
 #[test]
 fn cpu_engine_matches_transformers_alone_batched_and_streaming() {
     let state = tempfile::tempdir().unwrap();
     for family in FAMILIES {
         import_fixture(state.path(), family);
-        let g = golden(family);
-        let cases = g["cases"].as_array().unwrap();
-        let prompts: Vec<Vec<u32>> = cases.iter().map(prompt_ids).collect();
-        let steps = cases[0]["max_new_tokens"].as_u64().unwrap() as usize;
+        let cases = golden_cases(family);
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+        let steps = cases[0].continuation.tokens.len();
         let store = Store::new(state.path());
 
         let mut all = LoadedModel::open(&store, family, &LoadOptions::default()).unwrap();
         let mut alone = Vec::new();
-        let mut worst = 0f32;
-        for (case, p) in cases.iter().zip(&prompts) {
+        let mut worst = 0f64;
+        for (i, (case, p)) in cases.iter().zip(&prompts).enumerate() {
             let got = greedy_batch(&mut all.runner, std::slice::from_ref(p), steps).remove(0);
-            worst = worst.max(check_golden(family, case, &got, 1e-4));
+            let what = format!("{family} case {i} alone");
+            worst = worst.max(got.assert_within(&case.continuation, &what, LOGPROB_TOLERANCE));
             alone.push(got);
         }
         // All prompts at once: each the same as alone.
         let batched = greedy_batch(&mut all.runner, &prompts, steps);
-        for (case, got) in cases.iter().zip(&batched) {
-            check_golden(family, case, got, 1e-4);
+        for (i, (case, got)) in cases.iter().zip(&batched).enumerate() {
+            got.assert_matches(&case.continuation, &format!("{family} case {i} batched"));
         }
         // The minimal slot budget (one layer's top-k) streams experts from experts.tiles and
         // must give bit-identical results.
