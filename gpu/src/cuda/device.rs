@@ -26,26 +26,73 @@ const SOURCES: &[(&str, &str)] = &[
     ("experts.cu", include_str!("../../kernels/experts.cu")),
 ];
 
-/// Every kernel the backend launches, by its `extern "C"` name.
-pub(crate) const KERNELS: &[&str] = &[
-    "embed",
-    "rms_norm",
-    "add_rms_norm",
-    "clamp",
-    "swiglu",
-    "add_gated",
-    "gather_rows",
-    "add_bias",
-    "to_bf16",
-    "write_kv",
-    "rope",
-    "attention",
-    "route",
-    "gemv",
-    "experts_gate_up",
-    "experts_down",
-    "experts_combine",
-];
+/// Every kernel the backend launches; the discriminant indexes [`CudaDevice`]'s loaded functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Embed,
+    RmsNorm,
+    AddRmsNorm,
+    Clamp,
+    Swiglu,
+    AddGated,
+    GatherRows,
+    AddBias,
+    ToBf16,
+    WriteKv,
+    Rope,
+    Attention,
+    Route,
+    Gemv,
+    ExpertsGateUp,
+    ExpertsDown,
+    ExpertsCombine,
+}
+
+impl Kernel {
+    /// All of them, in discriminant order.
+    pub(crate) const ALL: [Kernel; 17] = [
+        Kernel::Embed,
+        Kernel::RmsNorm,
+        Kernel::AddRmsNorm,
+        Kernel::Clamp,
+        Kernel::Swiglu,
+        Kernel::AddGated,
+        Kernel::GatherRows,
+        Kernel::AddBias,
+        Kernel::ToBf16,
+        Kernel::WriteKv,
+        Kernel::Rope,
+        Kernel::Attention,
+        Kernel::Route,
+        Kernel::Gemv,
+        Kernel::ExpertsGateUp,
+        Kernel::ExpertsDown,
+        Kernel::ExpertsCombine,
+    ];
+
+    /// The `extern "C"` name in `gpu/kernels/`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::Embed => "embed",
+            Kernel::RmsNorm => "rms_norm",
+            Kernel::AddRmsNorm => "add_rms_norm",
+            Kernel::Clamp => "clamp",
+            Kernel::Swiglu => "swiglu",
+            Kernel::AddGated => "add_gated",
+            Kernel::GatherRows => "gather_rows",
+            Kernel::AddBias => "add_bias",
+            Kernel::ToBf16 => "to_bf16",
+            Kernel::WriteKv => "write_kv",
+            Kernel::Rope => "rope",
+            Kernel::Attention => "attention",
+            Kernel::Route => "route",
+            Kernel::Gemv => "gemv",
+            Kernel::ExpertsGateUp => "experts_gate_up",
+            Kernel::ExpertsDown => "experts_down",
+            Kernel::ExpertsCombine => "experts_combine",
+        }
+    }
+}
 
 /// The architectures NVRTC is asked for (its option wants a `'static` string).
 const ARCHS: &[(u32, u32, &str)] = &[
@@ -162,9 +209,10 @@ impl CudaDevice {
         let module = ctx
             .load_module(ptx)
             .map_err(|e| driver_err(format!("{name}: loading the kernels"), e))?;
-        let kernels = KERNELS
+        let kernels = Kernel::ALL
             .iter()
             .map(|k| {
+                let k = k.name();
                 module
                     .load_function(k)
                     .map_err(|e| driver_err(format!("{name}: kernel {k}"), e))
@@ -187,10 +235,9 @@ impl CudaDevice {
         &self.info
     }
 
-    /// The kernel named `name` (one of [`KERNELS`]).
-    pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
-        let i = KERNELS.iter().position(|k| *k == name).unwrap_or(0);
-        &self.kernels[i]
+    /// A loaded kernel.
+    pub(crate) fn kernel(&self, k: Kernel) -> &CudaFunction {
+        &self.kernels[k as usize]
     }
 
     /// Bytes of device memory free now.
@@ -296,7 +343,7 @@ mod tests {
         for (_, _, arch) in ARCHS.iter().filter(|a| a.0 >= 8) {
             let ptx = compile(&src, arch).unwrap_or_else(|e| panic!("{e}"));
             let text = ptx.to_src();
-            for k in KERNELS {
+            for k in Kernel::ALL.map(Kernel::name) {
                 assert!(
                     text.contains(&format!(".entry {k}(")),
                     "{arch}: no kernel {k}"

@@ -11,6 +11,7 @@ use tileflow_engine::pack::ProjectionExtent;
 use super::{
     dev_err, dtype_code, elementwise, int, shape_err, split_k, CudaAct, CudaBackend, CudaKvPool,
 };
+use crate::cuda::device::Kernel;
 
 /// Warps per block of the expert kernels (one output column each).
 const EXPERT_WARPS: u32 = 8;
@@ -81,7 +82,10 @@ pub(super) fn attention(
         block_dim: (32 * ATT_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = be.dev.compute.launch_builder(be.dev.kernel("attention"));
+    let mut b = be
+        .dev
+        .compute
+        .launch_builder(be.dev.kernel(Kernel::Attention));
     b.arg(&q.data)
         .arg(&pool.k[layer])
         .arg(&pool.v[layer])
@@ -138,7 +142,7 @@ pub(super) fn route(
     };
     {
         let (mut experts, mut weights) = both.split_at_mut(n);
-        let mut b = s.launch_builder(be.dev.kernel("route"));
+        let mut b = s.launch_builder(be.dev.kernel(Kernel::Route));
         b.arg(&logits.data)
             .arg(&ei)
             .arg(&ki)
@@ -358,7 +362,7 @@ pub(super) fn experts(
         block_dim: (32 * EXPERT_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = s.launch_builder(be.dev.kernel("experts_gate_up"));
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUp));
     b.arg(&xs.data)
         .arg(&hi)
         .arg(&ii)
@@ -381,7 +385,7 @@ pub(super) fn experts(
         ),
         ..cfg
     };
-    let mut b = s.launch_builder(be.dev.kernel("experts_down"));
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDown));
     b.arg(&act.data)
         .arg(&hi)
         .arg(&ii)
@@ -395,7 +399,7 @@ pub(super) fn experts(
     unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
     let rows = int("experts", x.rows)?;
-    let mut b = s.launch_builder(be.dev.kernel("experts_combine"));
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsCombine));
     b.arg(&mut out.data)
         .arg(&y.data)
         .arg(&d_row_starts)

@@ -18,6 +18,7 @@ use tileflow_engine::dtype::Dtype;
 use super::{
     dev_err, dtype_code, elementwise, int, shape_err, split_k, CudaAct, CudaBackend, CudaWeight,
 };
+use crate::cuda::device::Kernel;
 
 /// Rows up to which the matrix-vector kernel beats a GEMM (it reads the weights once per 8 rows).
 const GEMV_MAX_ROWS: usize = 16;
@@ -68,7 +69,10 @@ pub(super) fn linear(
     }
     if let Some(b) = bias {
         let (rows, cols) = (int("linear", m)?, int("linear", n)?);
-        let mut l = be.dev.compute.launch_builder(be.dev.kernel("add_bias"));
+        let mut l = be
+            .dev
+            .compute
+            .launch_builder(be.dev.kernel(Kernel::AddBias));
         l.arg(&mut out.data).arg(&b.data).arg(&rows).arg(&cols);
         // SAFETY: add_bias(x, bias, rows, cols): out is rows * cols, bias cols (checked).
         unsafe { l.launch(elementwise(m * n)) }.map_err(dev_err("linear bias"))?;
@@ -94,7 +98,7 @@ fn gemv(
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = be.dev.compute.launch_builder(be.dev.kernel("gemv"));
+    let mut l = be.dev.compute.launch_builder(be.dev.kernel(Kernel::Gemv));
     l.arg(&x.data)
         .arg(&m)
         .arg(&k)
@@ -134,7 +138,7 @@ fn gemm(
                 }
             })?;
             let len = (x.rows * x.cols) as i64;
-            let mut l = s.launch_builder(be.dev.kernel("to_bf16"));
+            let mut l = s.launch_builder(be.dev.kernel(Kernel::ToBf16));
             l.arg(&x.data).arg(&mut buf).arg(&len);
             // SAFETY: to_bf16(x, out, n): both hold n elements.
             unsafe { l.launch(elementwise(x.rows * x.cols)) }.map_err(dev_err("linear"))?;

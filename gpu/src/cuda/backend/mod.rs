@@ -18,6 +18,7 @@ use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
 use tileflow_engine::rope::RopeTable;
 
+use super::device::Kernel;
 use super::CudaDevice;
 
 /// The CUDA backend on one GPU.
@@ -363,7 +364,10 @@ impl Backend for CudaBackend {
             int("embed", table.cols)?,
             dtype_code(table.dtype),
         );
-        let mut b = self.dev.compute.launch_builder(self.dev.kernel("embed"));
+        let mut b = self
+            .dev
+            .compute
+            .launch_builder(self.dev.kernel(Kernel::Embed));
         b.arg(&table.data)
             .arg(&dt)
             .arg(&d_ids)
@@ -380,7 +384,10 @@ impl Backend for CudaBackend {
         let Some((cfg, g)) = CudaBackend::norm_plan("rms_norm", x, w)? else {
             return Ok(out);
         };
-        let mut b = self.dev.compute.launch_builder(self.dev.kernel("rms_norm"));
+        let mut b = self
+            .dev
+            .compute
+            .launch_builder(self.dev.kernel(Kernel::RmsNorm));
         b.arg(&x.data)
             .arg(&w.data)
             .arg(&g)
@@ -406,7 +413,7 @@ impl Backend for CudaBackend {
         let mut b = self
             .dev
             .compute
-            .launch_builder(self.dev.kernel("add_rms_norm"));
+            .launch_builder(self.dev.kernel(Kernel::AddRmsNorm));
         b.arg(&mut x.data)
             .arg(&delta.data)
             .arg(&w.data)
@@ -433,7 +440,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let mut b = self.dev.compute.launch_builder(self.dev.kernel("clamp"));
+        let mut b = self
+            .dev
+            .compute
+            .launch_builder(self.dev.kernel(Kernel::Clamp));
         b.arg(&mut x.data).arg(&n).arg(&limit);
         // SAFETY: clamp(x, n, limit) over the n floats of x.
         unsafe { b.launch(elementwise(n as usize)) }.map_err(dev_err("clamp"))?;
@@ -472,7 +482,7 @@ impl Backend for CudaBackend {
             int("rope", x.cols)?,
             int("rope", half)?,
         );
-        let mut b = s.launch_builder(self.dev.kernel("rope"));
+        let mut b = s.launch_builder(self.dev.kernel(Kernel::Rope));
         b.arg(&mut x.data)
             .arg(&*pos)
             .arg(&*freq)
@@ -508,7 +518,10 @@ impl Backend for CudaBackend {
         let d_slots = self.upload_cached("write_kv", &u32s("write_kv", slots)?)?;
         let (n, w) = (int("write_kv", slots.len())?, int("write_kv", width)?);
         let (kp, vp) = (&mut pool.k, &mut pool.v);
-        let mut b = self.dev.compute.launch_builder(self.dev.kernel("write_kv"));
+        let mut b = self
+            .dev
+            .compute
+            .launch_builder(self.dev.kernel(Kernel::WriteKv));
         b.arg(&k.data)
             .arg(&v.data)
             .arg(&*d_slots)
@@ -548,7 +561,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(out);
         }
-        let mut b = self.dev.compute.launch_builder(self.dev.kernel("swiglu"));
+        let mut b = self
+            .dev
+            .compute
+            .launch_builder(self.dev.kernel(Kernel::Swiglu));
         b.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
         // SAFETY: swiglu(gate, up, out, n): all three hold n floats.
         unsafe { b.launch(elementwise(n as usize)) }.map_err(dev_err("swiglu"))?;
@@ -583,7 +599,7 @@ impl Backend for CudaBackend {
         let mut b = self
             .dev
             .compute
-            .launch_builder(self.dev.kernel("add_gated"));
+            .launch_builder(self.dev.kernel(Kernel::AddGated));
         b.arg(&mut out.data)
             .arg(&y.data)
             .arg(&gate_logit.data)
@@ -631,7 +647,7 @@ impl CudaBackend {
         let mut b = self
             .dev
             .compute
-            .launch_builder(self.dev.kernel("gather_rows"));
+            .launch_builder(self.dev.kernel(Kernel::GatherRows));
         b.arg(&x.data)
             .arg(rows)
             .arg(&ni)
