@@ -1,11 +1,67 @@
-//! Shape checks of the ops whose operands come with host-side plans, shared by every backend so
-//! that all of them refuse the same inputs with the same messages.
+//! Shape checks of the backend ops, shared by every backend so that all of them refuse the same
+//! inputs with the same messages. Shapes are `(rows, cols)`.
 
 use super::{AttentionPlan, BackendError};
 use crate::kv::KvLayout;
 
 fn shape_err(op: &'static str, detail: String) -> BackendError {
     BackendError::Shape { op, detail }
+}
+
+/// Two operands of `op` that must have one shape.
+pub fn same_shape(
+    op: &'static str,
+    a: (usize, usize),
+    b: (usize, usize),
+) -> Result<(), BackendError> {
+    if a != b {
+        return Err(shape_err(
+            op,
+            format!("[{}, {}] vs [{}, {}]", a.0, a.1, b.0, b.1),
+        ));
+    }
+    Ok(())
+}
+
+/// An RMSNorm (`op`) of rows of `cols` by a weight of `weight` elements: one group per weight
+/// width, so the width must divide the rows.
+pub fn norm(op: &'static str, cols: usize, weight: usize) -> Result<(), BackendError> {
+    if weight == 0 || cols % weight != 0 {
+        return Err(shape_err(
+            op,
+            format!("weight of {weight} does not divide rows of {cols}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `linear` of `x` by `weight` (`[n, k]`) with a bias of `bias` elements.
+pub fn linear(
+    x: (usize, usize),
+    weight: (usize, usize),
+    bias: Option<usize>,
+) -> Result<(), BackendError> {
+    if x.1 != weight.1 {
+        return Err(shape_err(
+            "linear",
+            format!("x has {} columns, weight [{}, {}]", x.1, weight.0, weight.1),
+        ));
+    }
+    if let Some(b) = bias.filter(|&b| b != weight.0) {
+        return Err(shape_err(
+            "linear",
+            format!("bias of {b} for {} outputs", weight.0),
+        ));
+    }
+    Ok(())
+}
+
+/// `gather_rows` of `rows` from a matrix of `n` rows.
+pub fn rows_within(rows: &[usize], n: usize) -> Result<(), BackendError> {
+    match rows.iter().find(|&&r| r >= n) {
+        Some(r) => Err(shape_err("gather_rows", format!("row {r} of {n}"))),
+        None => Ok(()),
+    }
 }
 
 /// `write_kv` of `k` and `v` (`[rows, cols]` each) into `layer` at `slots`.
@@ -18,12 +74,7 @@ pub fn write_kv(
 ) -> Result<(), BackendError> {
     let width = layout.slot_width();
     let n_slots = layout.slots();
-    if k != v {
-        return Err(shape_err(
-            "write_kv",
-            format!("[{}, {}] vs [{}, {}]", k.0, k.1, v.0, v.1),
-        ));
-    }
+    same_shape("write_kv", k, v)?;
     if k.1 != width || k.0 != slots.len() || layer >= layout.num_layers {
         return Err(shape_err(
             "write_kv",
@@ -114,12 +165,7 @@ pub fn add_gated(
     y: (usize, usize),
     gate: (usize, usize),
 ) -> Result<(), BackendError> {
-    if out != y {
-        return Err(shape_err(
-            "add_gated",
-            format!("[{}, {}] vs [{}, {}]", out.0, out.1, y.0, y.1),
-        ));
-    }
+    same_shape("add_gated", out, y)?;
     if gate.1 != 1 || gate.0 != out.0 {
         return Err(shape_err(
             "add_gated",

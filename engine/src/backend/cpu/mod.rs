@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use self::experts::expert_ffn;
 use self::matmul::matmul_nt;
-use super::{AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing};
+use super::{check, AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing};
 use crate::kv::KvLayout;
 use crate::rope::RopeTable;
 
@@ -80,27 +80,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 fn same_shape(op: &'static str, a: &HostMatrix, b: &HostMatrix) -> Result<(), BackendError> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        return Err(shape_err(
-            op,
-            format!("[{}, {}] vs [{}, {}]", a.rows, a.cols, b.rows, b.cols),
-        ));
-    }
-    Ok(())
-}
-
-fn check_norm(x: &HostMatrix, w: &HostMatrix) -> Result<(), BackendError> {
-    if w.data.is_empty() || x.cols % w.data.len() != 0 {
-        return Err(shape_err(
-            "rms_norm",
-            format!(
-                "weight of {} does not divide rows of {}",
-                w.data.len(),
-                x.cols
-            ),
-        ));
-    }
-    Ok(())
+    check::same_shape(op, (a.rows, a.cols), (b.rows, b.cols))
 }
 
 impl Backend for CpuBackend {
@@ -168,7 +148,7 @@ impl Backend for CpuBackend {
         w: &HostMatrix,
         eps: f32,
     ) -> Result<HostMatrix, BackendError> {
-        check_norm(x, w)?;
+        check::norm("rms_norm", x.cols, w.data.len())?;
         let mut out = HostMatrix::zeros(x.rows, x.cols);
         rms_norm_into(&x.data, &w.data, eps, &mut out.data);
         Ok(out)
@@ -182,7 +162,7 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<HostMatrix, BackendError> {
         same_shape("add_rms_norm", x, delta)?;
-        check_norm(x, w)?;
+        check::norm("add_rms_norm", x.cols, w.data.len())?;
         x.data
             .iter_mut()
             .zip(&delta.data)
@@ -198,12 +178,11 @@ impl Backend for CpuBackend {
         w: &HostMatrix,
         bias: Option<&HostMatrix>,
     ) -> Result<HostMatrix, BackendError> {
-        if x.cols != w.cols {
-            return Err(shape_err(
-                "linear",
-                format!("x has {} columns, weight [{}, {}]", x.cols, w.rows, w.cols),
-            ));
-        }
+        check::linear(
+            (x.rows, x.cols),
+            (w.rows, w.cols),
+            bias.map(|b| b.data.len()),
+        )?;
         let mut out = HostMatrix::zeros(x.rows, w.rows);
         matmul_nt(
             &x.data,
@@ -213,12 +192,6 @@ impl Backend for CpuBackend {
             self.parallelism(),
         )?;
         if let Some(b) = bias {
-            if b.data.len() != w.rows {
-                return Err(shape_err(
-                    "linear",
-                    format!("bias of {} for {} outputs", b.data.len(), w.rows),
-                ));
-            }
             for row in out.data.chunks_exact_mut(w.rows) {
                 row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
             }
@@ -259,7 +232,7 @@ impl Backend for CpuBackend {
         v: &HostMatrix,
         slots: &[usize],
     ) -> Result<(), BackendError> {
-        super::check::write_kv(
+        check::write_kv(
             &pool.layout,
             layer,
             (k.rows, k.cols),
@@ -291,7 +264,7 @@ impl Backend for CpuBackend {
         renormalize: bool,
     ) -> Result<Routing, BackendError> {
         let e = logits.cols;
-        super::check::route(e, top_k)?;
+        check::route(e, top_k)?;
         let mut experts = Vec::with_capacity(logits.rows * top_k);
         let mut weights = Vec::with_capacity(logits.rows * top_k);
         let mut order: Vec<usize> = Vec::with_capacity(e);
@@ -370,7 +343,7 @@ impl Backend for CpuBackend {
         y: &HostMatrix,
         gate_logit: &HostMatrix,
     ) -> Result<(), BackendError> {
-        super::check::add_gated(
+        check::add_gated(
             (out.rows, out.cols),
             (y.rows, y.cols),
             (gate_logit.rows, gate_logit.cols),
@@ -393,11 +366,9 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, x: &HostMatrix, rows: &[usize]) -> Result<HostMatrix, BackendError> {
+        check::rows_within(rows, x.rows)?;
         let mut out = HostMatrix::zeros(rows.len(), x.cols);
         for (i, &r) in rows.iter().enumerate() {
-            if r >= x.rows {
-                return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
-            }
             out.row_mut(i).copy_from_slice(x.row(r));
         }
         Ok(out)

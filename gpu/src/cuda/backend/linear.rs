@@ -12,7 +12,7 @@ use std::ffi::c_void;
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
-use tileflow_engine::backend::BackendError;
+use tileflow_engine::backend::{check, BackendError};
 use tileflow_engine::dtype::Dtype;
 
 use super::{
@@ -35,19 +35,13 @@ pub(super) fn linear(
     w: &CudaWeight,
     bias: Option<&CudaWeight>,
 ) -> Result<CudaAct, BackendError> {
-    if x.cols != w.cols {
-        return Err(shape_err(
-            "linear",
-            format!("x has {} columns, weight [{}, {}]", x.cols, w.rows, w.cols),
-        ));
-    }
-    if let Some(b) = bias {
-        if b.rows * b.cols != w.rows || b.dtype != Dtype::F32 {
-            return Err(shape_err(
-                "linear",
-                format!("bias of {} for {} outputs", b.rows * b.cols, w.rows),
-            ));
-        }
+    check::linear(
+        (x.rows, x.cols),
+        (w.rows, w.cols),
+        bias.map(|b| b.rows * b.cols),
+    )?;
+    if bias.is_some_and(|b| b.dtype != Dtype::F32) {
+        return Err(shape_err("linear", "a matrix as the bias".into()));
     }
     let (m, k, n) = (x.rows, x.cols, w.rows);
     let mut out = be.alloc_act("linear", m, n)?;

@@ -138,13 +138,7 @@ fn u32s(op: &'static str, v: &[usize]) -> Result<Vec<u32>, BackendError> {
 }
 
 fn same_shape(op: &'static str, a: &CudaAct, b: &CudaAct) -> Result<(), BackendError> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        return Err(shape_err(
-            op,
-            format!("[{}, {}] vs [{}, {}]", a.rows, a.cols, b.rows, b.cols),
-        ));
-    }
-    Ok(())
+    check::same_shape(op, (a.rows, a.cols), (b.rows, b.cols))
 }
 
 impl CudaBackend {
@@ -250,10 +244,11 @@ impl CudaBackend {
         w: &CudaWeight,
     ) -> Result<Option<(LaunchConfig, i32)>, BackendError> {
         let g = w.rows * w.cols;
-        if g == 0 || x.cols % g != 0 || w.dtype != Dtype::F32 {
+        check::norm(op, x.cols, g)?;
+        if w.dtype != Dtype::F32 {
             return Err(shape_err(
                 op,
-                format!("weight of {g} does not divide rows of {}", x.cols),
+                format!("a [{}, {}] matrix as the weight", w.rows, w.cols),
             ));
         }
         let groups = x.rows * (x.cols / g);
@@ -621,9 +616,7 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct, BackendError> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= x.rows) {
-            return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
-        }
+        check::rows_within(rows, x.rows)?;
         let mut out = self.alloc_act("gather_rows", rows.len(), x.cols)?;
         if rows.is_empty() || x.cols == 0 {
             return Ok(out);
