@@ -73,8 +73,11 @@ extern "C" __global__ void experts_down(const float* act, int hidden, int inter,
     }
 }
 
+#define NO_ASSIGN 0xffffffffu
+
 // out[r, c] += y[a, c] for each assignment a of row r, in ascending expert order (the order
-// transformers adds them); row_starts / row_assign list them per row (CSR).
+// transformers adds them); row_starts / row_assign list them per row (CSR). NO_ASSIGN entries
+// (a token whose router named no expert, see moe_plan) add nothing.
 extern "C" __global__ void experts_combine(float* out, const float* y, const u32* row_starts,
                                            const u32* row_assign, int rows, int hidden) {
     long long total = (long long)rows * hidden;
@@ -83,8 +86,99 @@ extern "C" __global__ void experts_combine(float* out, const float* y, const u32
         long long r = i / hidden, c = i % hidden;
         float o = out[i];
         for (u32 t = row_starts[r]; t < row_starts[r + 1]; t++) {
-            o += y[(long long)row_assign[t] * hidden + c];
+            u32 a = row_assign[t];
+            if (a != NO_ASSIGN) o += y[(long long)a * hidden + c];
         }
         out[i] = o;
+    }
+}
+
+// The routed experts' work lists built on the device from the router's decision, so a step
+// whose experts are all resident never waits for the host: the same lists `experts()` builds
+// on the host, for the three kernels above. One block.
+//
+// experts / weights: the router's n = rows * k choices (route()); table: per expert of the
+// layer, its gate, up and down addresses. Out: ptrs / starts for `maxsel` >= the distinct
+// experts chosen (unused entries empty), assign / scales per assignment (grouped by ascending
+// expert, ascending row within one), row_starts / row_assign per row (k each, ascending
+// expert); slot_of: scratch, n entries. An expert index outside the layer (only a NaN router
+// gives one) gets no assignment; the host sees it when it reads the routing back after the
+// step, and fails the step. Shared memory: 2 * ne u32.
+extern "C" __global__ void moe_plan(const u32* experts, const float* weights, int n, int k,
+                                    int rows, int ne, int maxsel, const u64* table, u64* ptrs,
+                                    u32* starts, u32* assign, float* scales, u32* row_starts,
+                                    u32* row_assign, u32* slot_of) {
+    extern __shared__ u32 plan_sh[];
+    u32* count = plan_sh;
+    u32* first = plan_sh + ne;
+    __shared__ u32 valid;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    for (int e = tid; e < ne; e += nt) {
+        u32 c = 0;
+        for (int t = 0; t < n; t++) c += experts[t] == (u32)e;
+        count[e] = c;
+    }
+    for (int t = tid; t < n; t += nt) slot_of[t] = NO_ASSIGN;
+    __syncthreads();
+    if (tid == 0) {
+        u32 sel = 0, at = 0;
+        for (int e = 0; e < ne; e++) {
+            first[e] = at;
+            if (count[e]) {
+                ptrs[3 * sel] = table[3 * e];
+                ptrs[3 * sel + 1] = table[3 * e + 1];
+                ptrs[3 * sel + 2] = table[3 * e + 2];
+                starts[sel++] = at;
+                at += count[e];
+            }
+        }
+        for (; sel < (u32)maxsel; sel++) {
+            ptrs[3 * sel] = ptrs[3 * sel + 1] = ptrs[3 * sel + 2] = 0;
+            starts[sel] = at;
+        }
+        starts[maxsel] = at;
+        valid = at;
+    }
+    __syncthreads();
+    // Assignments of each expert in ascending token order.
+    for (int e = tid; e < ne; e += nt) {
+        u32 a = first[e];
+        if (!count[e]) continue;
+        for (int t = 0; t < n; t++) {
+            if (experts[t] == (u32)e) {
+                assign[a] = t / k;
+                scales[a] = weights[t];
+                slot_of[t] = a++;
+            }
+        }
+    }
+    // Unused tail (only with out-of-range experts): gathered from row 0, never computed.
+    for (u32 a = valid + tid; a < (u32)n; a += nt) {
+        assign[a] = 0;
+        scales[a] = 0.0f;
+    }
+    __syncthreads();
+    // Per row, its k choices by ascending expert (a router picks an expert once per row).
+    for (int r = tid; r < rows; r += nt) {
+        const long long base = (long long)r * k;
+        row_starts[r] = (u32)base;
+        if (r == rows - 1) row_starts[rows] = (u32)(base + k);
+        u32 prev = 0;
+        bool any = false;
+        for (int j = 0; j < k; j++) {
+            u32 best = 0xffffffffu, slot = NO_ASSIGN;
+            for (int i = 0; i < k; i++) {
+                u32 e = experts[base + i];
+                if (e < (u32)ne && (!any || e > prev) && e < best) {
+                    best = e;
+                    slot = slot_of[base + i];
+                }
+            }
+            if (slot != NO_ASSIGN) {
+                prev = best;
+                any = true;
+            }
+            row_assign[base + j] = slot;
+        }
     }
 }

@@ -1,5 +1,6 @@
 // Router: softmax over each row of logits, top-k (descending, ties to the lower index), and
 // optional renormalisation. One warp per row; probabilities in shared memory (e floats).
+// A row whose logits are NaN picks index e (out of range) for every choice.
 extern "C" __global__ void route(const float* logits, int e, int k, int renorm, u32* experts,
                                  float* weights) {
     extern __shared__ float probs[];
@@ -40,7 +41,9 @@ extern "C" __global__ void route(const float* logits, int e, int k, int renorm, 
         if (lane == 0) {
             out_e[t] = (u32)bi;
             out_w[t] = bv;
-            probs[bi] = -1.0f;
+            // bi == e when every probability is NaN: nothing was picked (the host fails the
+            // step on the out-of-range index).
+            if (bi < e) probs[bi] = -1.0f;
         }
         __syncwarp();
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use tileflow_engine::backend::cpu::CpuBackend;
 use tileflow_engine::backend::{
-    AttentionPlan, Backend, ChunkAttention, ExpertBytes, ExpertRef, ExpertWork, HostMatrix,
+    AttentionPlan, Backend, ChunkAttention, ExpertBytes, ExpertRef, ExpertWork, HostMatrix, Routing,
 };
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
@@ -389,6 +389,28 @@ fn expert_bytes(
     (bytes, [gate, up, down])
 }
 
+/// VRAM slots holding `experts`, filled through the tier memory's copy path from page-locked
+/// memory (the arena must outlive the slots' use).
+fn vram_experts(
+    memory: &CudaTierMemory,
+    experts: &[(Vec<u8>, [ProjectionExtent; 3])],
+) -> (DmaArena, Vec<tileflow_gpu::cuda::CudaSlot>) {
+    let len = experts[0].0.len();
+    let host = memory
+        .alloc_host(len.next_multiple_of(4096) * experts.len())
+        .unwrap();
+    let (arena, bufs) = DmaArena::new(host, len.next_multiple_of(4096), experts.len()).unwrap();
+    let mut slots = Vec::new();
+    for ((bytes, _), mut buf) in experts.iter().zip(bufs) {
+        buf[..len].copy_from_slice(bytes);
+        let mut slot = memory.alloc_device_slot(len).unwrap();
+        let ev = memory.copy_to_device(&buf, 0..len, &mut slot, 0).unwrap();
+        memory.wait(ev).unwrap();
+        slots.push(slot);
+    }
+    (arena, slots)
+}
+
 #[test]
 fn experts_match_from_host_bytes_and_from_vram_slots() {
     for dtype in [Dtype::F32, Dtype::BF16] {
@@ -403,20 +425,7 @@ fn experts_match_from_host_bytes_and_from_vram_slots() {
             .map(|_| expert_bytes(&mut rng, h, inter, dtype))
             .collect();
         let len = experts[0].0.len();
-        // Device slots filled through the tier memory's copy path, from page-locked memory.
-        let host = memory
-            .alloc_host(len.next_multiple_of(4096) * experts.len())
-            .unwrap();
-        let (_arena, bufs) =
-            DmaArena::new(host, len.next_multiple_of(4096), experts.len()).unwrap();
-        let mut slots = Vec::new();
-        for ((bytes, _), mut buf) in experts.iter().zip(bufs) {
-            buf[..len].copy_from_slice(bytes);
-            let mut slot = memory.alloc_device_slot(len).unwrap();
-            let ev = memory.copy_to_device(&buf, 0..len, &mut slot, 0).unwrap();
-            memory.wait(ev).unwrap();
-            slots.push((slot, buf));
-        }
+        let (_arena, slots) = vram_experts(&memory, &experts);
         // Expert e gets the rows where (row * 7 + e) % 3 == 0: some rows several experts,
         // some none, expert 4 every row.
         let assignment = |e: usize| -> Vec<usize> {
@@ -430,7 +439,7 @@ fn experts_match_from_host_bytes_and_from_vram_slots() {
                 .map(|&e| {
                     let (bytes, [gate, up, down]) = &experts[e];
                     let bytes = if device {
-                        memory.device_bytes(&slots[e].0, len).unwrap()
+                        memory.device_bytes(&slots[e], len).unwrap()
                     } else {
                         ExpertBytes::Host(bytes)
                     };
@@ -474,5 +483,118 @@ fn experts_match_from_host_bytes_and_from_vram_slots() {
         let mut out = gpu.upload_act(base).unwrap();
         let err = gpu.experts(&gx, &bad, &mut out).unwrap_err().to_string();
         assert!(err.contains("expert 3"), "{err}");
+    }
+}
+
+/// The host's grouping of a routing into expert work (as the forward pass does it).
+fn work_of<'a>(routing: &Routing, refs: &[ExpertRef<'a>]) -> Vec<ExpertWork<'a>> {
+    let mut by_expert: std::collections::BTreeMap<usize, (Vec<usize>, Vec<f32>)> =
+        std::collections::BTreeMap::new();
+    for (i, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+        let g = by_expert.entry(e as usize).or_default();
+        g.0.push(i / routing.top_k);
+        g.1.push(w);
+    }
+    by_expert
+        .into_iter()
+        .map(|(e, (rows, scales))| ExpertWork {
+            expert: e,
+            weights: refs[e],
+            rows,
+            scales,
+        })
+        .collect()
+}
+
+#[test]
+fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let Some((cpu, gpu)) = backends(dtype) else {
+            return;
+        };
+        let memory = CudaTierMemory::new(device().unwrap());
+        let mut rng = Rng(11);
+        let (h, inter, ne) = (96, 72, 6);
+        let experts: Vec<_> = (0..ne)
+            .map(|_| expert_bytes(&mut rng, h, inter, dtype))
+            .collect();
+        let len = experts[0].0.len();
+        let (_arena, slots) = vram_experts(&memory, &experts);
+        let refs = |device: bool| -> Vec<ExpertRef<'_>> {
+            experts
+                .iter()
+                .zip(&slots)
+                .map(|((bytes, [gate, up, down]), slot)| ExpertRef {
+                    bytes: if device {
+                        memory.device_bytes(slot, len).unwrap()
+                    } else {
+                        ExpertBytes::Host(bytes)
+                    },
+                    dtype,
+                    gate: *gate,
+                    up: *up,
+                    down: *down,
+                })
+                .collect()
+        };
+        assert!(gpu.expert_table(&refs(false)).unwrap().is_none());
+        let table = gpu.expert_table(&refs(true)).unwrap().unwrap();
+        for (rows, k, renorm) in [(1, 2, true), (11, 3, false), (16, 6, true)] {
+            let mut logits = rng.matrix(rows, ne, 3.0);
+            let x = rng.matrix(rows, h, 1.0);
+            let base = rng.matrix(rows, h, 0.5);
+            let routing = cpu.route(&logits, k, renorm).unwrap();
+            let mut want = base.clone();
+            cpu.experts(&x, &work_of(&routing, &refs(false)), &mut want)
+                .unwrap();
+            let gx = gpu.upload_act(x.clone()).unwrap();
+            let mut log = gpu.routing_log(3, rows, k, renorm).unwrap();
+            let mut got = gpu.upload_act(base.clone()).unwrap();
+            let gl = gpu.upload_act(logits.clone()).unwrap();
+            gpu.route_experts(&gl, &table, &gx, &mut got, &mut log, 1)
+                .unwrap();
+            let what = format!("device routing {dtype:?} {rows} rows top {k}");
+            close(&what, &gpu.download(&got).unwrap(), &want, F32_TOL);
+            let back = gpu.read_routing_log(&log).unwrap();
+            assert_eq!(back.len(), 3, "{what}");
+            assert_eq!(back[1].experts, routing.experts, "{what}");
+            let gw = HostMatrix::new(1, back[1].weights.len(), back[1].weights.clone()).unwrap();
+            let ww = HostMatrix::new(1, routing.weights.len(), routing.weights.clone()).unwrap();
+            close(&what, &gw, &ww, F32_TOL);
+
+            // A router that saw NaN names no expert: its row gets nothing, the others theirs.
+            let bad = rows / 2;
+            logits.row_mut(bad).fill(f32::NAN);
+            let gl = gpu.upload_act(logits).unwrap();
+            let mut got = gpu.upload_act(base.clone()).unwrap();
+            gpu.route_experts(&gl, &table, &gx, &mut got, &mut log, 2)
+                .unwrap();
+            let got = gpu.download(&got).unwrap();
+            let back = gpu.read_routing_log(&log).unwrap();
+            assert!(
+                back[2].experts[bad * k..(bad + 1) * k]
+                    .iter()
+                    .all(|&e| e as usize >= ne),
+                "{what}: {:?}",
+                back[2].experts
+            );
+            assert_eq!(got.row(bad), base.row(bad), "{what}: the NaN row");
+            for r in (0..rows).filter(|&r| r != bad) {
+                let one = |m: &HostMatrix| HostMatrix::new(1, h, m.row(r).to_vec()).unwrap();
+                close(&what, &one(&got), &one(&want), F32_TOL);
+            }
+        }
+        // Shapes that do not fit the table or the log are errors, not launches.
+        let mut log = gpu.routing_log(1, 2, 2, true).unwrap();
+        let gl = gpu.upload_act(rng.matrix(2, ne + 1, 1.0)).unwrap();
+        let gx = gpu.upload_act(rng.matrix(2, h, 1.0)).unwrap();
+        let mut out = gpu.upload_act(rng.matrix(2, h, 1.0)).unwrap();
+        assert!(gpu
+            .route_experts(&gl, &table, &gx, &mut out, &mut log, 0)
+            .is_err());
+        let gl = gpu.upload_act(rng.matrix(2, ne, 1.0)).unwrap();
+        assert!(gpu
+            .route_experts(&gl, &table, &gx, &mut out, &mut log, 1)
+            .is_err());
     }
 }

@@ -65,6 +65,8 @@ impl Backend for Shadow {
     type Weight = (HostMatrix, tileflow_gpu::cuda::CudaWeight);
     type Act = Pair;
     type KvPool = (CpuKvPool, tileflow_gpu::cuda::CudaKvPool);
+    type ExpertTable = ();
+    type RoutingLog = ();
 
     fn name(&self) -> String {
         "shadow".into()

@@ -237,6 +237,14 @@ pub struct ExpertWork<'a> {
     pub scales: Vec<f32>,
 }
 
+/// What a backend without device-side routing answers when asked for it anyway.
+fn no_device_routing(op: &'static str) -> BackendError {
+    BackendError::Device {
+        op,
+        reason: "this backend routes on the host".into(),
+    }
+}
+
 /// The operations of one forward step, implemented by each compute device.
 ///
 /// Activations are `[tokens, width]` matrices of [`Backend::Act`]; weights are uploaded once
@@ -249,6 +257,11 @@ pub trait Backend: std::fmt::Debug {
     type Act: std::fmt::Debug;
     /// Key and value blocks of every layer.
     type KvPool: std::fmt::Debug;
+    /// One MoE layer's experts where the backend reaches them without the host (see
+    /// [`Backend::expert_table`]).
+    type ExpertTable: std::fmt::Debug;
+    /// A step's routing decisions kept where they were made (see [`Backend::route_experts`]).
+    type RoutingLog: std::fmt::Debug;
 
     /// A short name for logs ("cpu", "cuda:0").
     fn name(&self) -> String;
@@ -348,6 +361,54 @@ pub trait Backend: std::fmt::Debug {
         work: &[ExpertWork<'_>],
         out: &mut Self::Act,
     ) -> Result<(), BackendError>;
+
+    /// A table of one layer's experts (`experts[e]` is expert `e`) for
+    /// [`Backend::route_experts`], when the backend can route to them without the host: the
+    /// forward pass builds one per MoE layer once every expert is resident (the provider keeps
+    /// their bytes where they are from then on). `None`, the default, keeps routing on the host.
+    fn expert_table(
+        &self,
+        experts: &[ExpertRef<'_>],
+    ) -> Result<Option<Self::ExpertTable>, BackendError> {
+        let _ = experts;
+        Ok(None)
+    }
+
+    /// Room for `entries` routings of `tokens` tokens each, `top_k` experts per token,
+    /// renormalised or not (a step's MoE layers, for [`Backend::route_experts`]).
+    fn routing_log(
+        &self,
+        entries: usize,
+        tokens: usize,
+        top_k: usize,
+        renormalize: bool,
+    ) -> Result<Self::RoutingLog, BackendError> {
+        let _ = (entries, tokens, top_k, renormalize);
+        Err(no_device_routing("routing_log"))
+    }
+
+    /// [`Backend::route`] on `logits`, then [`Backend::experts`] with every selected expert
+    /// taken from `table`, without the decision leaving the device: it is kept in `log` as
+    /// entry `entry` for [`Backend::read_routing_log`]. Same sums, in the same order.
+    fn route_experts(
+        &self,
+        logits: &Self::Act,
+        table: &Self::ExpertTable,
+        x: &Self::Act,
+        out: &mut Self::Act,
+        log: &mut Self::RoutingLog,
+        entry: usize,
+    ) -> Result<(), BackendError> {
+        let _ = (logits, table, x, out, log, entry);
+        Err(no_device_routing("route_experts"))
+    }
+
+    /// Every entry of `log`, in entry order (experts are not checked against the layer: an
+    /// index out of range means the router saw NaN, and no expert ran for that choice).
+    fn read_routing_log(&self, log: &Self::RoutingLog) -> Result<Vec<Routing>, BackendError> {
+        let _ = log;
+        Err(no_device_routing("read_routing_log"))
+    }
 
     /// `out += sigmoid(gate_logit) * y`, with `gate_logit` one column per row.
     fn add_gated(

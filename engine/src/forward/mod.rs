@@ -94,6 +94,9 @@ pub struct ModelRunner<B: Backend, P> {
     kv: PagedKvCache,
     pool: B::KvPool,
     prefetch: prefetch::Prefetcher,
+    /// Per layer, its expert table for device-side routing (MoE layers, once every expert is
+    /// resident and the backend can); empty while routing goes through the host.
+    tables: Vec<Option<B::ExpertTable>>,
 }
 
 /// The per-step layout of the batch: flattened tokens and where each chunk lies.
@@ -148,6 +151,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             experts,
             kv,
             pool,
+            tables: Vec::new(),
         })
     }
 
@@ -323,8 +327,41 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
         Ok(l)
     }
 
+    /// Builds the expert tables once every expert is resident (and drops them when that
+    /// stops), so routing stays on the device; a backend that cannot gives none.
+    fn refresh_tables(&mut self) -> Result<(), EngineError> {
+        if !self.experts.all_resident() {
+            self.tables.clear();
+            return Ok(());
+        }
+        if !self.tables.is_empty() {
+            return Ok(());
+        }
+        let mut tables = Vec::with_capacity(self.weights.layers.len());
+        for (i, l) in self.weights.layers.iter().enumerate() {
+            if !matches!(l.mlp, MlpWeights::Moe { .. }) {
+                tables.push(None);
+                continue;
+            }
+            let refs = (0..self.spec.moe.num_experts)
+                .map(|e| self.experts.expert(i, e))
+                .collect::<Result<Vec<_>, _>>()?;
+            match self
+                .backend
+                .expert_table(&refs)
+                .map_err(EngineError::at(i, "expert table"))?
+            {
+                Some(t) => tables.push(Some(t)),
+                None => return Ok(()),
+            }
+        }
+        self.tables = tables;
+        Ok(())
+    }
+
     fn run(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut step = self.layout(batch)?;
+        self.refresh_tables()?;
         let ModelRunner {
             spec,
             backend: b,
@@ -333,6 +370,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             rope,
             pool,
             prefetch,
+            tables,
             ..
         } = self;
         let eps = spec.rms_norm_eps;
@@ -344,6 +382,22 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             .map(|(i, _)| i)
             .collect();
         prefetch.start_step(&moe_layers, experts);
+        // With every expert's table on the device, routing stays there until the step ends.
+        let mut log = if tables.is_empty() {
+            None
+        } else {
+            let tokens = step.ids.len();
+            Some((
+                b.routing_log(
+                    moe_layers.len(),
+                    tokens,
+                    spec.moe.top_k,
+                    spec.moe.norm_topk_prob,
+                )
+                .map_err(EngineError::op("routing log"))?,
+                Vec::with_capacity(moe_layers.len()),
+            ))
+        };
         let mut x = b
             .embed(&w.embed, &step.ids)
             .map_err(EngineError::op("embed"))?;
@@ -368,44 +422,84 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             let h2 = b
                 .add_rms_norm(&mut x, &attn, &lw.post_attention_norm, eps)
                 .map_err(EngineError::at(i, "post-attention norm"))?;
-            let mlp = match &lw.mlp {
-                MlpWeights::Dense(m) => moe::swiglu_mlp(b, &h2, m, i)?,
-                MlpWeights::Moe { router, shared } => {
-                    let routing = moe::route(b, &spec.moe, i, &h2, router)?;
-                    prefetch.routed(i, &moe::chosen_experts(&routing));
-                    let next =
-                        w.layers
-                            .iter()
-                            .enumerate()
-                            .skip(i + 1)
-                            .filter_map(|(j, l)| match &l.mlp {
-                                MlpWeights::Moe { router, .. } => Some((j, router)),
-                                MlpWeights::Dense(_) => None,
-                            });
-                    let hints = if experts.all_resident() {
-                        Vec::new()
-                    } else {
-                        prefetch.look_ahead(b, &spec.moe, &h2, next)
-                    };
-                    moe::moe_experts(
-                        b,
-                        experts,
-                        i,
-                        &h2,
-                        &routing,
-                        hints,
-                        shared.as_ref(),
-                        (step.ids.len(), spec.hidden_size),
-                        &step.row_seqs,
-                    )?
-                }
-            };
+            let mlp =
+                match &lw.mlp {
+                    MlpWeights::Dense(m) => moe::swiglu_mlp(b, &h2, m, i)?,
+                    MlpWeights::Moe { router, shared } => {
+                        if let (Some(table), Some((log, routed))) =
+                            (tables.get(i).and_then(Option::as_ref), log.as_mut())
+                        {
+                            routed.push(i);
+                            moe::moe_on_device(
+                                b,
+                                i,
+                                &h2,
+                                router,
+                                table,
+                                shared.as_ref(),
+                                (log, routed.len() - 1),
+                                (step.ids.len(), spec.hidden_size),
+                            )?
+                        } else {
+                            let routing = moe::route(b, &spec.moe, i, &h2, router)?;
+                            prefetch.routed(i, &moe::chosen_experts(&routing));
+                            let next = w.layers.iter().enumerate().skip(i + 1).filter_map(
+                                |(j, l)| match &l.mlp {
+                                    MlpWeights::Moe { router, .. } => Some((j, router)),
+                                    MlpWeights::Dense(_) => None,
+                                },
+                            );
+                            let hints = if experts.all_resident() {
+                                Vec::new()
+                            } else {
+                                prefetch.look_ahead(b, &spec.moe, &h2, next)
+                            };
+                            moe::moe_experts(
+                                b,
+                                experts,
+                                i,
+                                &h2,
+                                &routing,
+                                hints,
+                                shared.as_ref(),
+                                (step.ids.len(), spec.hidden_size),
+                                &step.row_seqs,
+                            )?
+                        }
+                    }
+                };
             let next_norm = w.layers.get(i + 1).map_or(&w.final_norm, |n| &n.input_norm);
             h = b
                 .add_rms_norm(&mut x, &mlp, next_norm, eps)
                 .map_err(EngineError::at(i, "residual norm"))?;
         }
-        self.logits(batch, &step, &h)
+        let logits = self.logits(batch, &step, &h)?;
+        if let Some((log, routed)) = log {
+            self.account_routing(&log, &routed)?;
+        }
+        Ok(logits)
+    }
+
+    /// After a step routed on the device: reads the decisions back (one copy) and tells the
+    /// prefetcher and the provider what each layer chose, as a host-routed step does as it
+    /// goes (so hit counters and prefetch history stay true). A choice outside the layer
+    /// (a NaN router) fails the step here.
+    fn account_routing(
+        &mut self,
+        log: &B::RoutingLog,
+        layers: &[usize],
+    ) -> Result<(), EngineError> {
+        let routings = self
+            .backend
+            .read_routing_log(log)
+            .map_err(EngineError::op("routing log"))?;
+        for (&layer, routing) in layers.iter().zip(&routings) {
+            moe::check_routing(&self.spec.moe, layer, routing)?;
+            let chosen = moe::chosen_experts(routing);
+            self.prefetch.routed(layer, &chosen);
+            self.experts.prepare(layer, &chosen)?;
+        }
+        Ok(())
     }
 
     /// The logits each chunk asked for, from the final-normed hidden state.

@@ -191,6 +191,16 @@ pub(super) fn route<B: Backend>(
     let routing = backend
         .route(&logits, moe.top_k, moe.norm_topk_prob)
         .map_err(err)?;
+    check_routing(moe, layer, &routing)?;
+    Ok(routing)
+}
+
+/// An expert index outside the layer is an [`EngineError::ExpertUnavailable`].
+pub(super) fn check_routing(
+    moe: &MoeSpec,
+    layer: usize,
+    routing: &Routing,
+) -> Result<(), EngineError> {
     if let Some(&bad) = routing
         .experts
         .iter()
@@ -202,7 +212,48 @@ pub(super) fn route<B: Backend>(
             reason: format!("the router chose it but the layer has {}", moe.num_experts),
         });
     }
-    Ok(routing)
+    Ok(())
+}
+
+/// The MoE block of `layer` routed on the device: router, then every selected expert from
+/// `table`, the decision kept in `log` at its entry; plus the gated shared expert.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn moe_on_device<B: Backend>(
+    backend: &B,
+    layer: usize,
+    h: &B::Act,
+    router: &B::Weight,
+    table: &B::ExpertTable,
+    shared: Option<&SharedExpertWeights<B::Weight>>,
+    (log, entry): (&mut B::RoutingLog, usize),
+    (rows, hidden): (usize, usize),
+) -> Result<B::Act, EngineError> {
+    let err = EngineError::at(layer, "router");
+    let logits = backend.linear(h, router, None).map_err(err)?;
+    let err = EngineError::at(layer, "experts");
+    let mut out = backend.zeros(rows, hidden).map_err(err)?;
+    backend
+        .route_experts(&logits, table, h, &mut out, log, entry)
+        .map_err(err)?;
+    add_shared(backend, layer, h, shared, &mut out)?;
+    Ok(out)
+}
+
+/// `out += sigmoid(gate·h) * shared(h)` where the layer has a shared expert.
+fn add_shared<B: Backend>(
+    backend: &B,
+    layer: usize,
+    h: &B::Act,
+    shared: Option<&SharedExpertWeights<B::Weight>>,
+    out: &mut B::Act,
+) -> Result<(), EngineError> {
+    if let Some(s) = shared {
+        let y = swiglu_mlp(backend, h, &s.mlp, layer)?;
+        let err = EngineError::at(layer, "shared expert");
+        let g = backend.linear(h, &s.gate, None).map_err(err)?;
+        backend.add_gated(out, &y, &g).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// The experts `routing` selects for any token, ascending.
@@ -258,12 +309,7 @@ pub(super) fn moe_experts<B: Backend, P: ExpertProvider>(
             .collect::<Result<Vec<_>, EngineError>>()?;
         backend.experts(h, &work, &mut out).map_err(err)?;
     }
-    if let Some(s) = shared {
-        let y = swiglu_mlp(backend, h, &s.mlp, layer)?;
-        let err = EngineError::at(layer, "shared expert");
-        let g = backend.linear(h, &s.gate, None).map_err(err)?;
-        backend.add_gated(&mut out, &y, &g).map_err(err)?;
-    }
+    add_shared(backend, layer, h, shared, &mut out)?;
     Ok(out)
 }
 

@@ -46,11 +46,12 @@ pub(crate) enum Kernel {
     ExpertsGateUp,
     ExpertsDown,
     ExpertsCombine,
+    MoePlan,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 17] = [
+    pub(crate) const ALL: [Kernel; 18] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -68,6 +69,7 @@ impl Kernel {
         Kernel::ExpertsGateUp,
         Kernel::ExpertsDown,
         Kernel::ExpertsCombine,
+        Kernel::MoePlan,
     ];
 
     /// The `extern "C"` name in `gpu/kernels/`.
@@ -90,6 +92,7 @@ impl Kernel {
             Kernel::ExpertsGateUp => "experts_gate_up",
             Kernel::ExpertsDown => "experts_down",
             Kernel::ExpertsCombine => "experts_combine",
+            Kernel::MoePlan => "moe_plan",
         }
     }
 }

@@ -5,7 +5,7 @@ mod device;
 mod memory;
 mod pinned;
 
-pub use backend::{CudaAct, CudaBackend, CudaKvPool, CudaWeight};
+pub use backend::{CudaAct, CudaBackend, CudaExpertTable, CudaKvPool, CudaRoutingLog, CudaWeight};
 pub use device::CudaDevice;
 pub use memory::{CudaCopy, CudaSlot, CudaTierMemory};
 

@@ -87,6 +87,8 @@ impl Backend for CpuBackend {
     type Weight = HostMatrix;
     type Act = HostMatrix;
     type KvPool = CpuKvPool;
+    type ExpertTable = ();
+    type RoutingLog = ();
 
     fn name(&self) -> String {
         "cpu".into()

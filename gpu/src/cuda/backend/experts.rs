@@ -1,7 +1,7 @@
 //! The ops that take host-side plans: attention over block tables, the router, and the routed
 //! experts read from their slots.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use tileflow_engine::backend::{
     check, AttentionPlan, BackendError, ExpertBytes, ExpertWork, Routing,
 };
@@ -123,35 +123,12 @@ pub(super) fn route(
             weights: Vec::new(),
         });
     }
-    let smem = u32::try_from(e * 4)
-        .ok()
-        .filter(|&b| b <= 48 * 1024)
-        .ok_or_else(|| shape_err("route", format!("{e} experts do not fit shared memory")))?;
     // Experts then weights (as f32 bits) in one buffer: one copy back.
     // SAFETY: the kernel writes all 2n entries.
     let mut both = unsafe { s.alloc::<u32>(2 * n) }.map_err(dev_err("route"))?;
-    let (ei, ki, renorm) = (
-        int("route", e)?,
-        int("route", top_k)?,
-        i32::from(renormalize),
-    );
-    let cfg = LaunchConfig {
-        grid_dim: (logits.rows as u32, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: smem,
-    };
     {
         let (mut experts, mut weights) = both.split_at_mut(n);
-        let mut b = s.launch_builder(be.dev.kernel(Kernel::Route));
-        b.arg(&logits.data)
-            .arg(&ei)
-            .arg(&ki)
-            .arg(&renorm)
-            .arg(&mut experts)
-            .arg(&mut weights);
-        // SAFETY: route(logits, e, k, renorm, experts, weights): logits is rows * e, the
-        // outputs rows * k each, shared memory holds e floats.
-        unsafe { b.launch(cfg) }.map_err(dev_err("route"))?;
+        launch_route(be, logits, top_k, renormalize, &mut experts, &mut weights)?;
     }
     let mut host = s.clone_dtoh(&both).map_err(dev_err("route"))?;
     s.synchronize().map_err(dev_err("route"))?;
@@ -164,8 +141,53 @@ pub(super) fn route(
     })
 }
 
+/// The router kernel on `logits` (`[rows, e]`, `top_k` checked ≤ e), writing `rows * top_k`
+/// experts and weights.
+pub(super) fn launch_route(
+    be: &CudaBackend,
+    logits: &CudaAct,
+    top_k: usize,
+    renormalize: bool,
+    experts: &mut CudaViewMut<'_, u32>,
+    weights: &mut CudaViewMut<'_, u32>,
+) -> Result<(), BackendError> {
+    let e = logits.cols;
+    let n = logits.rows * top_k;
+    if experts.len() < n || weights.len() < n {
+        return Err(shape_err(
+            "route",
+            format!("room for fewer than {n} choices"),
+        ));
+    }
+    let smem = u32::try_from(e * 4)
+        .ok()
+        .filter(|&b| b <= 48 * 1024)
+        .ok_or_else(|| shape_err("route", format!("{e} experts do not fit shared memory")))?;
+    let (ei, ki, renorm) = (
+        int("route", e)?,
+        int("route", top_k)?,
+        i32::from(renormalize),
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (logits.rows as u32, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let mut b = be.dev.compute.launch_builder(be.dev.kernel(Kernel::Route));
+    b.arg(&logits.data)
+        .arg(&ei)
+        .arg(&ki)
+        .arg(&renorm)
+        .arg(experts)
+        .arg(weights);
+    // SAFETY: route(logits, e, k, renorm, experts, weights): logits is rows * e, the outputs
+    // hold at least rows * k each (checked), shared memory holds e floats.
+    unsafe { b.launch(cfg) }.map_err(dev_err("route"))?;
+    Ok(())
+}
+
 /// Device address of one projection of `w`, checked against its shape and extent.
-fn projection_ptr(
+pub(super) fn projection_ptr(
     base: u64,
     len: usize,
     dtype: Dtype,
@@ -334,15 +356,47 @@ pub(super) fn experts(
     let o_row_assign = at(&blob);
     blob.extend_from_slice(&row_assign);
     let d_blob = be.upload_u32("experts", &blob)?;
-    let d_ptrs = d_blob.slice(0..o_starts);
-    let d_starts = d_blob.slice(o_starts..o_assign);
-    let d_assign = d_blob.slice(o_assign..o_scales);
-    let d_scales = d_blob.slice(o_scales..o_row_starts);
-    let d_row_starts = d_blob.slice(o_row_starts..o_row_assign);
-    let d_row_assign = d_blob.slice(o_row_assign..);
 
+    let lists = ExpertLists {
+        ptrs: d_blob.slice(0..o_starts),
+        starts: d_blob.slice(o_starts..o_assign),
+        assign: d_blob.slice(o_assign..o_scales),
+        scales: d_blob.slice(o_scales..o_row_starts),
+        row_starts: d_blob.slice(o_row_starts..o_row_assign),
+        row_assign: d_blob.slice(o_row_assign..),
+    };
+    run_experts(be, x, &lists, (work.len(), total), (inter, dtype), out)?;
+    drop(staged);
+    Ok(())
+}
+
+/// The work lists the expert kernels read (see kernels/experts.cu): per selected expert its
+/// three projection addresses (`ptrs`, two u32 each) and first assignment (`starts`); per
+/// assignment its row and combine weight (`assign`, `scales` as f32 bits); per row its
+/// assignments in ascending expert order (`row_starts`, `row_assign`).
+pub(super) struct ExpertLists<'a> {
+    pub(super) ptrs: CudaView<'a, u32>,
+    pub(super) starts: CudaView<'a, u32>,
+    pub(super) assign: CudaView<'a, u32>,
+    pub(super) scales: CudaView<'a, u32>,
+    pub(super) row_starts: CudaView<'a, u32>,
+    pub(super) row_assign: CudaView<'a, u32>,
+}
+
+/// Gathers the assigned rows of `x`, runs gate·up, down and the combine into `out` for
+/// `selected` expert entries and `total` assignments of `[inter, hidden]` experts in `dtype`.
+pub(super) fn run_experts(
+    be: &CudaBackend,
+    x: &CudaAct,
+    lists: &ExpertLists<'_>,
+    (selected, total): (usize, usize),
+    (inter, dtype): (usize, Dtype),
+    out: &mut CudaAct,
+) -> Result<(), BackendError> {
+    let s = &be.dev.compute;
+    let h = x.cols;
     let mut xs = be.alloc_act("experts", total, h)?;
-    be.gather(x, &d_assign, total, &mut xs)?;
+    be.gather(x, &lists.assign, total, &mut xs)?;
     let mut act = be.alloc_act("experts", total, inter)?;
     let mut y = be.alloc_act("experts", total, h)?;
     let (hi, ii, dt) = (
@@ -350,9 +404,10 @@ pub(super) fn experts(
         int("experts", inter)?,
         dtype_code(dtype),
     );
-    let n_exp = work.len() as u32;
+    let n_exp =
+        u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
 
-    let split_up = split_k(h, inter * work.len());
+    let split_up = split_k(h, inter * selected);
     let cfg = LaunchConfig {
         grid_dim: (
             (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
@@ -367,16 +422,17 @@ pub(super) fn experts(
         .arg(&hi)
         .arg(&ii)
         .arg(&dt)
-        .arg(&d_ptrs)
-        .arg(&d_starts)
+        .arg(&lists.ptrs)
+        .arg(&lists.starts)
         .arg(&split_up)
         .arg(&mut act.data);
-    // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; every projection
-    // address was checked to lie, with its [inter, h] / [h, inter] shape, inside its expert's
-    // bytes, which stay allocated (slot borrowed by `work`, or `staged`) until the stream ran.
+    // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; starts has
+    // selected + 1 entries within total; every projection address lies, with its [inter, h] /
+    // [h, inter] shape, inside its expert's bytes (checked where the lists were built), which
+    // stay allocated until the stream ran (slots borrowed by the caller, or staged uploads).
     unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
-    let split_down = split_k(inter, h * work.len());
+    let split_down = split_k(inter, h * selected);
     let cfg = LaunchConfig {
         grid_dim: (
             (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
@@ -390,9 +446,9 @@ pub(super) fn experts(
         .arg(&hi)
         .arg(&ii)
         .arg(&dt)
-        .arg(&d_ptrs)
-        .arg(&d_starts)
-        .arg(&d_scales)
+        .arg(&lists.ptrs)
+        .arg(&lists.starts)
+        .arg(&lists.scales)
         .arg(&split_down)
         .arg(&mut y.data);
     // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
@@ -402,13 +458,12 @@ pub(super) fn experts(
     let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsCombine));
     b.arg(&mut out.data)
         .arg(&y.data)
-        .arg(&d_row_starts)
-        .arg(&d_row_assign)
+        .arg(&lists.row_starts)
+        .arg(&lists.row_assign)
         .arg(&rows)
         .arg(&hi);
     // SAFETY: experts_combine: out is rows * h, y total * h, the CSR lists every assignment
-    // (< total) once under its row (< rows).
+    // (< total, or NO_ASSIGN) under its row (< rows).
     unsafe { b.launch(elementwise(x.rows * h)) }.map_err(dev_err("experts"))?;
-    drop(staged);
     Ok(())
 }

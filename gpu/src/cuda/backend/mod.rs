@@ -7,12 +7,15 @@
 
 mod experts;
 mod linear;
+mod resident;
+
+pub use resident::{CudaExpertTable, CudaRoutingLog};
 
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
 use tileflow_engine::backend::{
-    check, AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing,
+    check, AttentionPlan, Backend, BackendError, ExpertRef, ExpertWork, HostMatrix, Routing,
 };
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
@@ -272,6 +275,8 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type Act = CudaAct;
     type KvPool = CudaKvPool;
+    type ExpertTable = CudaExpertTable;
+    type RoutingLog = CudaRoutingLog;
 
     fn name(&self) -> String {
         self.dev.to_string()
@@ -573,6 +578,39 @@ impl Backend for CudaBackend {
         out: &mut CudaAct,
     ) -> Result<(), BackendError> {
         experts::experts(self, x, work, out)
+    }
+
+    fn expert_table(
+        &self,
+        experts: &[ExpertRef<'_>],
+    ) -> Result<Option<CudaExpertTable>, BackendError> {
+        resident::expert_table(self, experts)
+    }
+
+    fn routing_log(
+        &self,
+        entries: usize,
+        tokens: usize,
+        top_k: usize,
+        renormalize: bool,
+    ) -> Result<CudaRoutingLog, BackendError> {
+        resident::routing_log(self, entries, tokens, top_k, renormalize)
+    }
+
+    fn route_experts(
+        &self,
+        logits: &CudaAct,
+        table: &CudaExpertTable,
+        x: &CudaAct,
+        out: &mut CudaAct,
+        log: &mut CudaRoutingLog,
+        entry: usize,
+    ) -> Result<(), BackendError> {
+        resident::route_experts(self, logits, table, x, out, log, entry)
+    }
+
+    fn read_routing_log(&self, log: &CudaRoutingLog) -> Result<Vec<Routing>, BackendError> {
+        resident::read_routing_log(self, log)
     }
 
     fn add_gated(

@@ -1,0 +1,264 @@
+//! Routing on the device. Once every expert of a layer is resident, the layer gets a table of
+//! its experts' projection addresses; the router's decision then goes straight from the route
+//! kernel through `moe_plan` (kernels/experts.cu) to the expert kernels, and a step never waits
+//! on the host. The decisions are kept in a [`CudaRoutingLog`] and come back once per step.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use tileflow_engine::backend::{check, BackendError, ExpertBytes, ExpertRef, Routing};
+use tileflow_engine::dtype::Dtype;
+
+use super::experts::{launch_route, projection_ptr, run_experts, ExpertLists};
+use super::{dev_err, int, shape_err, CudaAct, CudaBackend};
+use crate::cuda::device::Kernel;
+
+/// One layer's experts in VRAM: gate, up and down addresses of expert `e` at `3e..3e + 3`.
+#[derive(Debug)]
+pub struct CudaExpertTable {
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    dtype: Dtype,
+    ptrs: CudaSlice<u64>,
+}
+
+/// A step's routing decisions in VRAM: per entry, `tokens * top_k` experts then as many
+/// weights (f32 bits).
+#[derive(Debug)]
+pub struct CudaRoutingLog {
+    entries: usize,
+    tokens: usize,
+    top_k: usize,
+    renormalize: bool,
+    data: CudaSlice<u32>,
+}
+
+impl CudaRoutingLog {
+    /// Choices per entry.
+    fn choices(&self) -> usize {
+        self.tokens * self.top_k
+    }
+}
+
+pub(super) fn expert_table(
+    be: &CudaBackend,
+    experts: &[ExpertRef<'_>],
+) -> Result<Option<CudaExpertTable>, BackendError> {
+    let Some(first) = experts.first() else {
+        return Ok(None);
+    };
+    let [inter, hidden] = first.gate.shape;
+    let dtype = first.dtype;
+    let mut ptrs = Vec::with_capacity(3 * experts.len());
+    for (e, r) in experts.iter().enumerate() {
+        let ExpertBytes::Device(d) = r.bytes else {
+            return Ok(None);
+        };
+        if r.dtype != dtype || r.gate.shape[0] != inter {
+            return Err(BackendError::ExpertLayout {
+                expert: e,
+                detail: "experts of one layer differ in element type or width".into(),
+            });
+        }
+        let at = |name, p, shape| projection_ptr(d.ptr, d.len, dtype, e, name, p, shape);
+        ptrs.push(at("gate", &r.gate, [inter, hidden])?);
+        ptrs.push(at("up", &r.up, [inter, hidden])?);
+        ptrs.push(at("down", &r.down, [hidden, inter])?);
+    }
+    let ptrs = be
+        .dev
+        .compute
+        .clone_htod(&ptrs)
+        .map_err(dev_err("expert table"))?;
+    Ok(Some(CudaExpertTable {
+        experts: experts.len(),
+        hidden,
+        inter,
+        dtype,
+        ptrs,
+    }))
+}
+
+pub(super) fn routing_log(
+    be: &CudaBackend,
+    entries: usize,
+    tokens: usize,
+    top_k: usize,
+    renormalize: bool,
+) -> Result<CudaRoutingLog, BackendError> {
+    let n = entries
+        .checked_mul(tokens)
+        .and_then(|v| v.checked_mul(2 * top_k))
+        .ok_or_else(|| shape_err("routing_log", "size overflows".into()))?;
+    // Unwritten entries read back as expert 0 with weight 0 (a step that failed early).
+    let data =
+        be.dev
+            .compute
+            .alloc_zeros::<u32>(n.max(1))
+            .map_err(|_| BackendError::OutOfMemory {
+                what: format!("routing log of {entries} x {tokens} x {top_k}"),
+            })?;
+    Ok(CudaRoutingLog {
+        entries,
+        tokens,
+        top_k,
+        renormalize,
+        data,
+    })
+}
+
+/// Threads of the planning block.
+const PLAN_THREADS: u32 = 256;
+
+pub(super) fn route_experts(
+    be: &CudaBackend,
+    logits: &CudaAct,
+    table: &CudaExpertTable,
+    x: &CudaAct,
+    out: &mut CudaAct,
+    log: &mut CudaRoutingLog,
+    entry: usize,
+) -> Result<(), BackendError> {
+    let op = "route_experts";
+    check::route(table.experts, log.top_k)?;
+    check::same_shape(op, (x.rows, x.cols), (out.rows, out.cols))?;
+    if logits.rows != x.rows
+        || logits.rows != log.tokens
+        || logits.cols != table.experts
+        || x.cols != table.hidden
+        || entry >= log.entries
+    {
+        return Err(shape_err(
+            op,
+            format!(
+                "logits [{}, {}], x [{}, {}], {} experts of width {}, log entry {entry} of {} \
+                 for {} tokens",
+                logits.rows,
+                logits.cols,
+                x.rows,
+                x.cols,
+                table.experts,
+                table.hidden,
+                log.entries,
+                log.tokens
+            ),
+        ));
+    }
+    let n = log.choices();
+    if n == 0 || x.cols == 0 || table.inter == 0 {
+        return Ok(());
+    }
+    let (top_k, renormalize) = (log.top_k, log.renormalize);
+    let mut seg = log.data.slice_mut(entry * 2 * n..(entry + 1) * 2 * n);
+    let (mut chosen, mut weights) = seg.split_at_mut(n);
+    launch_route(be, logits, top_k, renormalize, &mut chosen, &mut weights)?;
+
+    let selected = n.min(table.experts);
+    let rows = x.rows;
+    // ptrs (two u32 per address, first so they are 8-byte aligned) | starts | assign | scales |
+    // row_starts | row_assign | slot_of (scratch).
+    let o_starts = 6 * selected;
+    let o_assign = o_starts + selected + 1;
+    let o_scales = o_assign + n;
+    let o_row_starts = o_scales + n;
+    let o_row_assign = o_row_starts + rows + 1;
+    let o_slot_of = o_row_assign + n;
+    let len = o_slot_of + n;
+    let s = &be.dev.compute;
+    // SAFETY: moe_plan writes every entry of every list (see kernels/experts.cu).
+    let mut plan = unsafe { s.alloc::<u32>(len) }.map_err(|_| BackendError::OutOfMemory {
+        what: format!("{op}: plan of {n} choices"),
+    })?;
+    let (ni, ki, ri, ei, si) = (
+        int(op, n)?,
+        int(op, top_k)?,
+        int(op, rows)?,
+        int(op, table.experts)?,
+        int(op, selected)?,
+    );
+    let smem = u32::try_from(2 * 4 * table.experts)
+        .ok()
+        .filter(|&b| b <= 32 * 1024)
+        .ok_or_else(|| {
+            shape_err(
+                op,
+                format!("{} experts do not fit shared memory", table.experts),
+            )
+        })?;
+    {
+        let (mut ptrs, mut rest) = plan.split_at_mut(o_starts);
+        let (mut starts, mut rest) = rest.split_at_mut(o_assign - o_starts);
+        let (mut assign, mut rest) = rest.split_at_mut(n);
+        let (mut scales, mut rest) = rest.split_at_mut(n);
+        let (mut row_starts, mut rest) = rest.split_at_mut(rows + 1);
+        let (mut row_assign, mut slot_of) = rest.split_at_mut(n);
+        let mut b = s.launch_builder(be.dev.kernel(Kernel::MoePlan));
+        // Read only, though the views are mutable (they were written just before).
+        b.arg(&mut chosen)
+            .arg(&mut weights)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(&ri)
+            .arg(&ei)
+            .arg(&si)
+            .arg(&table.ptrs)
+            .arg(&mut ptrs)
+            .arg(&mut starts)
+            .arg(&mut assign)
+            .arg(&mut scales)
+            .arg(&mut row_starts)
+            .arg(&mut row_assign)
+            .arg(&mut slot_of);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (PLAN_THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: moe_plan(experts, weights, n, k, rows, ne, maxsel, table, ptrs, starts,
+        // assign, scales, row_starts, row_assign, slot_of): the choices hold n = rows * k
+        // entries each, the table 3 * ne addresses; the outputs are sized 3 * maxsel u64,
+        // maxsel + 1, n, n, rows + 1, n and n as the kernel writes them; maxsel = min(n, ne)
+        // bounds the distinct experts chosen; shared memory holds 2 * ne u32.
+        unsafe { b.launch(cfg) }.map_err(dev_err(op))?;
+    }
+    let lists = ExpertLists {
+        ptrs: plan.slice(0..o_starts),
+        starts: plan.slice(o_starts..o_assign),
+        assign: plan.slice(o_assign..o_scales),
+        scales: plan.slice(o_scales..o_row_starts),
+        row_starts: plan.slice(o_row_starts..o_row_assign),
+        row_assign: plan.slice(o_row_assign..o_slot_of),
+    };
+    run_experts(
+        be,
+        x,
+        &lists,
+        (selected, n),
+        (table.inter, table.dtype),
+        out,
+    )
+}
+
+pub(super) fn read_routing_log(
+    be: &CudaBackend,
+    log: &CudaRoutingLog,
+) -> Result<Vec<Routing>, BackendError> {
+    let s = &be.dev.compute;
+    let host = s
+        .clone_dtoh(&log.data)
+        .map_err(dev_err("read_routing_log"))?;
+    s.synchronize().map_err(dev_err("read_routing_log"))?;
+    let n = log.choices();
+    Ok((0..log.entries)
+        .map(|i| {
+            let at = i * 2 * n;
+            Routing {
+                top_k: log.top_k,
+                experts: host[at..at + n].to_vec(),
+                weights: host[at + n..at + 2 * n]
+                    .iter()
+                    .map(|&b| f32::from_bits(b))
+                    .collect(),
+            }
+        })
+        .collect())
+}
