@@ -129,3 +129,59 @@ __device__ __forceinline__ float split_reduce(float acc_lane0[GEMV_ROWS], int sp
     __syncthreads();
     return total;
 }
+
+// Σ_j w[j] * x[j] over eight 16-bit weights packed in q (bf16 when bf, else f16).
+__device__ __forceinline__ float dot8(uint4 q, int bf, float4 a, float4 b) {
+    u32 words[4] = {q.x, q.y, q.z, q.w};
+    float wv[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+        wv[2 * j] = bf ? bf16_to_f32(lo) : f16_to_f32(lo);
+        wv[2 * j + 1] = bf ? bf16_to_f32(hi) : f16_to_f32(hi);
+    }
+    return wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y +
+           wv[6] * b.z + wv[7] * b.w;
+}
+
+// Loads of 16 bytes each lane keeps in flight per weight row in the one-row kernels.
+#define ONE_ROW_LOADS 8
+
+// One-row matrix-vector products (a decode step of one token): one warp per weight row, the
+// row read whole with ONE_ROW_LOADS vector loads per lane issued before any arithmetic, so a
+// warp has up to 4 KiB in flight per row. NW rows of 16-bit weights (NW = 2: gate and up)
+// against the same f32 x, each `k` long (k % 8 == 0, rows and x 16-byte aligned). acc[i] gets
+// this lane's partial sum for row i, accumulated in ascending k as dot_rows does; the caller
+// reduces over the warp.
+template <int NW>
+__device__ __forceinline__ void dot_one_row(const u16* const w[NW], int bf, const float* x, int k,
+                                            float acc[NW]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < NW; i++) acc[i] = 0.0f;
+    for (int base = lane * 8; base < k; base += 256 * ONE_ROW_LOADS) {
+        uint4 q[NW][ONE_ROW_LOADS];
+#pragma unroll
+        for (int u = 0; u < ONE_ROW_LOADS; u++) {
+            const int k0 = base + u * 256;
+#pragma unroll
+            for (int i = 0; i < NW; i++) {
+                if (k0 < k) {
+                    q[i][u] = *(const uint4*)(w[i] + k0);
+                } else {
+                    q[i][u].x = q[i][u].y = q[i][u].z = q[i][u].w = 0;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ONE_ROW_LOADS; u++) {
+            const int k0 = base + u * 256;
+            if (k0 < k) {
+                const float4* xp = (const float4*)(x + k0);
+                float4 a = xp[0], b = xp[1];
+#pragma unroll
+                for (int i = 0; i < NW; i++) acc[i] += dot8(q[i][u], bf, a, b);
+            }
+        }
+    }
+}

@@ -73,6 +73,39 @@ extern "C" __global__ void experts_down(const float* act, int hidden, int inter,
     }
 }
 
+// The same two products when every selected expert has exactly one assignment (a one-token
+// step), with 16-bit weights: one warp per output column (see dot_one_row); grid
+// (ceil(columns / 8), experts) of 256 threads. Entries without an assignment return at once.
+// gate_up reads its row of x directly (x[assign[a]]: no gather).
+extern "C" __global__ void experts_gate_up_one_row(const float* x, const u32* assign, int hidden,
+                                                   int inter, int bf, const u64* ptrs,
+                                                   const u32* starts, float* act) {
+    const int e = blockIdx.y;
+    const int j = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const u32 a = starts[e];
+    if (j >= inter || a == starts[e + 1]) return;
+    const long long off = (long long)j * hidden;
+    const u16* rows[2] = {(const u16*)ptrs[3 * e] + off, (const u16*)ptrs[3 * e + 1] + off};
+    float acc[2];
+    dot_one_row<2>(rows, bf, x + (long long)assign[a] * hidden, hidden, acc);
+    float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
+    if ((threadIdx.x & 31) == 0) act[(long long)a * inter + j] = silu(g) * u;
+}
+
+extern "C" __global__ void experts_down_one_row(const float* act, int hidden, int inter, int bf,
+                                                const u64* ptrs, const u32* starts,
+                                                const float* scales, float* y) {
+    const int e = blockIdx.y;
+    const int c = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const u32 a = starts[e];
+    if (c >= hidden || a == starts[e + 1]) return;
+    const u16* rows[1] = {(const u16*)ptrs[3 * e + 2] + (long long)c * inter};
+    float acc[1];
+    dot_one_row<1>(rows, bf, act + (long long)a * inter, inter, acc);
+    float v = warp_sum(acc[0]);
+    if ((threadIdx.x & 31) == 0) y[(long long)a * hidden + c] = v * scales[a];
+}
+
 #define NO_ASSIGN 0xffffffffu
 
 // out[r, c] += y[a, c] for each assignment a of row r, in ascending expert order (the order
@@ -97,57 +130,108 @@ extern "C" __global__ void experts_combine(float* out, const float* y, const u32
 // whose experts are all resident never waits for the host: the same lists `experts()` builds
 // on the host, for the three kernels above. One block.
 //
-// experts / weights: the router's n = rows * k choices (route()); table: per expert of the
-// layer, its gate, up and down addresses. Out: ptrs / starts for `maxsel` >= the distinct
-// experts chosen (unused entries empty), assign / scales per assignment (grouped by ascending
-// expert, ascending row within one), row_starts / row_assign per row (k each, ascending
-// expert); slot_of: scratch, n entries. An expert index outside the layer (only a NaN router
-// gives one) gets no assignment; the host sees it when it reads the routing back after the
-// step, and fails the step. Shared memory: 2 * ne u32.
-extern "C" __global__ void moe_plan(const u32* experts, const float* weights, int n, int k,
-                                    int rows, int ne, int maxsel, const u64* table, u64* ptrs,
-                                    u32* starts, u32* assign, float* scales, u32* row_starts,
-                                    u32* row_assign, u32* slot_of) {
+// experts / weights: the router's n = rows * k choices; when `logits` is not null the block
+// first routes them itself (route_row, one warp per row) and writes them there, else route()
+// did. table: per expert of the layer, its gate, up and down addresses. Out: ptrs / starts for
+// `maxsel` >= the distinct experts chosen (unused entries empty), assign / scales per
+// assignment (grouped by ascending expert, ascending row within one), row_starts / row_assign
+// per row (k each, ascending expert); slot_of: scratch, n entries. An expert index outside the
+// layer (only a NaN router gives one) gets no assignment; the host sees it when it reads the
+// routing back after the step, and fails the step.
+//
+// Shared memory: 3 * ne u32, then with `staged` the choices, their weights and their slots
+// (3 * n u32), then with `logits` (8 * ne floats) the routers' probabilities.
+extern "C" __global__ void moe_plan(const float* logits, int renorm, u32* experts,
+                                    float* weights, int n, int k, int rows, int ne, int maxsel,
+                                    int staged, const u64* table, u64* ptrs, u32* starts,
+                                    u32* assign, float* scales, u32* row_starts,
+                                    u32* row_assign, u32* slot_of_global) {
     extern __shared__ u32 plan_sh[];
     u32* count = plan_sh;
     u32* first = plan_sh + ne;
-    __shared__ u32 valid;
+    u32* seli = plan_sh + 2 * ne;
+    u32* rest = plan_sh + 3 * ne;
     const int tid = threadIdx.x, nt = blockDim.x;
+    const u32* ex = experts;
+    const float* wt = weights;
+    u32* slot_of = slot_of_global;
+    if (staged) {
+        ex = rest;
+        wt = (const float*)(rest + n);
+        slot_of = rest + 2 * n;
+    }
+    if (logits != nullptr) {
+        float* probs = (float*)(rest + (staged ? 3 * n : 0)) + (tid >> 5) * ne;
+        for (int r = tid >> 5; r < rows; r += nt >> 5) {
+            const long long o = (long long)r * k;
+            route_row(logits + (long long)r * ne, ne, k, renorm, experts + o, weights + o, probs,
+                      staged ? rest + o : nullptr, staged ? (float*)(rest + n) + o : nullptr);
+        }
+    } else if (staged) {
+        for (int t = tid; t < n; t += nt) {
+            rest[t] = experts[t];
+            rest[n + t] = __float_as_uint(weights[t]);
+        }
+    }
+    __syncthreads();
     for (int e = tid; e < ne; e += nt) {
         u32 c = 0;
-        for (int t = 0; t < n; t++) c += experts[t] == (u32)e;
+        for (int t = 0; t < n; t++) c += ex[t] == (u32)e;
         count[e] = c;
     }
     for (int t = tid; t < n; t += nt) slot_of[t] = NO_ASSIGN;
     __syncthreads();
-    if (tid == 0) {
-        u32 sel = 0, at = 0;
-        for (int e = 0; e < ne; e++) {
-            first[e] = at;
-            if (count[e]) {
-                ptrs[3 * sel] = table[3 * e];
-                ptrs[3 * sel + 1] = table[3 * e + 1];
-                ptrs[3 * sel + 2] = table[3 * e + 2];
-                starts[sel++] = at;
-                at += count[e];
+    // Exclusive scans of the counts (first assignment) and of the chosen flags (entry), by
+    // warp 0 in chunks of 32 experts.
+    __shared__ u32 valid, nsel;
+    if (tid < 32) {
+        u32 at = 0, sel = 0;
+        for (int e0 = 0; e0 < ne; e0 += 32) {
+            const int e = e0 + tid;
+            const u32 c = e < ne ? count[e] : 0;
+            u32 ic = c, is = c ? 1 : 0;
+            for (int o = 1; o < 32; o <<= 1) {
+                u32 vc = __shfl_up_sync(0xffffffffu, ic, o);
+                u32 vs = __shfl_up_sync(0xffffffffu, is, o);
+                if (tid >= o) {
+                    ic += vc;
+                    is += vs;
+                }
             }
+            if (e < ne) {
+                first[e] = at + ic - c;
+                seli[e] = sel + is - (c ? 1 : 0);
+            }
+            at += __shfl_sync(0xffffffffu, ic, 31);
+            sel += __shfl_sync(0xffffffffu, is, 31);
         }
-        for (; sel < (u32)maxsel; sel++) {
-            ptrs[3 * sel] = ptrs[3 * sel + 1] = ptrs[3 * sel + 2] = 0;
-            starts[sel] = at;
+        if (tid == 0) {
+            valid = at;
+            nsel = sel;
         }
-        starts[maxsel] = at;
-        valid = at;
     }
     __syncthreads();
+    for (int e = tid; e < ne; e += nt) {
+        if (!count[e]) continue;
+        const u32 s = seli[e];
+        ptrs[3 * s] = table[3 * e];
+        ptrs[3 * s + 1] = table[3 * e + 1];
+        ptrs[3 * s + 2] = table[3 * e + 2];
+        starts[s] = first[e];
+    }
+    for (int s = nsel + tid; s < maxsel; s += nt) {
+        ptrs[3 * s] = ptrs[3 * s + 1] = ptrs[3 * s + 2] = 0;
+        starts[s] = valid;
+    }
+    if (tid == 0) starts[maxsel] = valid;
     // Assignments of each expert in ascending token order.
     for (int e = tid; e < ne; e += nt) {
         u32 a = first[e];
         if (!count[e]) continue;
         for (int t = 0; t < n; t++) {
-            if (experts[t] == (u32)e) {
+            if (ex[t] == (u32)e) {
                 assign[a] = t / k;
-                scales[a] = weights[t];
+                scales[a] = wt[t];
                 slot_of[t] = a++;
             }
         }
@@ -168,7 +252,7 @@ extern "C" __global__ void moe_plan(const u32* experts, const float* weights, in
         for (int j = 0; j < k; j++) {
             u32 best = 0xffffffffu, slot = NO_ASSIGN;
             for (int i = 0; i < k; i++) {
-                u32 e = experts[base + i];
+                u32 e = ex[base + i];
                 if (e < (u32)ne && (!any || e > prev) && e < best) {
                     best = e;
                     slot = slot_of[base + i];

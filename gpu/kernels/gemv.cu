@@ -23,3 +23,16 @@ extern "C" __global__ void gemv(const float* x, int m, int k, const void* w, int
         if (live && warp % split == 0 && lane < mm) out[(long long)(r0 + lane) * n + col] = v;
     }
 }
+
+// out[n] = x[k] · w[n, k]ᵀ for one row of x and 16-bit weights (see dot_one_row): one warp per
+// output column, grid ceil(n / 8) blocks of 256 threads.
+extern "C" __global__ void gemv_one_row(const float* x, int k, const u16* w, int bf, int n,
+                                        float* out) {
+    const int col = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (col >= n) return;
+    const u16* rows[1] = {w + (long long)col * k};
+    float acc[1];
+    dot_one_row<1>(rows, bf, x, k, acc);
+    float v = warp_sum(acc[0]);
+    if ((threadIdx.x & 31) == 0) out[col] = v;
+}

@@ -99,6 +99,8 @@ fn linear_matches_on_every_path() {
         let mut rng = Rng(1);
         for (m, k, n) in [
             (1, 64, 48),
+            (1, 4104, 13),
+            (1, 37, 5),
             (5, 200, 33),
             (16, 96, 70),
             (40, 128, 96),
@@ -539,7 +541,13 @@ fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
         };
         assert!(gpu.expert_table(&refs(false)).unwrap().is_none());
         let table = gpu.expert_table(&refs(true)).unwrap().unwrap();
-        for (rows, k, renorm) in [(1, 2, true), (11, 3, false), (16, 6, true)] {
+        for (rows, k, renorm) in [
+            (1, 2, true),
+            (11, 3, false),
+            (16, 6, true),
+            (40, 4, false),
+            (200, 6, true),
+        ] {
             let mut logits = rng.matrix(rows, ne, 3.0);
             let x = rng.matrix(rows, h, 1.0);
             let base = rng.matrix(rows, h, 0.5);

@@ -47,11 +47,14 @@ pub(crate) enum Kernel {
     ExpertsDown,
     ExpertsCombine,
     MoePlan,
+    GemvOneRow,
+    ExpertsGateUpOneRow,
+    ExpertsDownOneRow,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 18] = [
+    pub(crate) const ALL: [Kernel; 21] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -70,6 +73,9 @@ impl Kernel {
         Kernel::ExpertsDown,
         Kernel::ExpertsCombine,
         Kernel::MoePlan,
+        Kernel::GemvOneRow,
+        Kernel::ExpertsGateUpOneRow,
+        Kernel::ExpertsDownOneRow,
     ];
 
     /// The `extern "C"` name in `gpu/kernels/`.
@@ -93,6 +99,9 @@ impl Kernel {
             Kernel::ExpertsDown => "experts_down",
             Kernel::ExpertsCombine => "experts_combine",
             Kernel::MoePlan => "moe_plan",
+            Kernel::GemvOneRow => "gemv_one_row",
+            Kernel::ExpertsGateUpOneRow => "experts_gate_up_one_row",
+            Kernel::ExpertsDownOneRow => "experts_down_one_row",
         }
     }
 }

@@ -58,9 +58,20 @@ pub fn open_model(
     options: &LoadOptions,
     device: &Arc<CudaDevice>,
 ) -> Result<CudaModel, LoadError> {
-    LoadedModel::open_on(store, name, options, &device.to_string(), |manifest| {
+    let mut model = LoadedModel::open_on(store, name, options, &device.to_string(), |manifest| {
         let backend = CudaBackend::new(device.clone(), manifest.expert_dtype)?;
         let memory = CudaTierMemory::new(device.clone());
         Ok((backend, memory))
-    })
+    })?;
+    // When VRAM holds every expert, read them all now: the first requests do not wait on
+    // storage, and routing stays on the device from the first step (it needs every expert
+    // resident).
+    let experts = model.runner.experts_mut();
+    if experts.capacity() >= model.manifest.experts.len() {
+        experts.warm().map_err(|source| LoadError::Engine {
+            model: name.to_string(),
+            source,
+        })?;
+    }
+    Ok(model)
 }

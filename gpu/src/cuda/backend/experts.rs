@@ -16,7 +16,7 @@ use crate::cuda::device::Kernel;
 /// Warps per block of the expert kernels (one output column each).
 const EXPERT_WARPS: u32 = 8;
 /// Warps per block of attention (see kernels/attention.cu).
-const ATT_WARPS: u32 = 4;
+const ATT_WARPS: u32 = 8;
 /// Widest head attention handles (32 lanes × ATT_DIMS).
 const ATT_MAX_HEAD_DIM: usize = 256;
 
@@ -365,7 +365,15 @@ pub(super) fn experts(
         row_starts: d_blob.slice(o_row_starts..o_row_assign),
         row_assign: d_blob.slice(o_row_assign..),
     };
-    run_experts(be, x, &lists, (work.len(), total), (inter, dtype), out)?;
+    let aligned = ptrs.iter().all(|p| p % 16 == 0);
+    run_experts(
+        be,
+        x,
+        &lists,
+        (work.len(), total),
+        (inter, dtype, aligned),
+        out,
+    )?;
     drop(staged);
     Ok(())
 }
@@ -384,19 +392,20 @@ pub(super) struct ExpertLists<'a> {
 }
 
 /// Gathers the assigned rows of `x`, runs gate·up, down and the combine into `out` for
-/// `selected` expert entries and `total` assignments of `[inter, hidden]` experts in `dtype`.
+/// `selected` expert entries and `total` assignments of `[inter, hidden]` experts in `dtype`
+/// (`aligned`: every projection address a multiple of 16).
 pub(super) fn run_experts(
     be: &CudaBackend,
     x: &CudaAct,
     lists: &ExpertLists<'_>,
     (selected, total): (usize, usize),
-    (inter, dtype): (usize, Dtype),
+    (inter, dtype, aligned): (usize, Dtype, bool),
     out: &mut CudaAct,
 ) -> Result<(), BackendError> {
+    let one_row =
+        x.rows == 1 && dtype != Dtype::F32 && aligned && x.cols % 8 == 0 && inter % 8 == 0;
     let s = &be.dev.compute;
     let h = x.cols;
-    let mut xs = be.alloc_act("experts", total, h)?;
-    be.gather(x, &lists.assign, total, &mut xs)?;
     let mut act = be.alloc_act("experts", total, inter)?;
     let mut y = be.alloc_act("experts", total, h)?;
     let (hi, ii, dt) = (
@@ -407,52 +416,64 @@ pub(super) fn run_experts(
     let n_exp =
         u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
 
-    let split_up = split_k(h, inter * selected);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
-            n_exp,
-            1,
-        ),
-        block_dim: (32 * EXPERT_WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUp));
-    b.arg(&xs.data)
-        .arg(&hi)
-        .arg(&ii)
-        .arg(&dt)
-        .arg(&lists.ptrs)
-        .arg(&lists.starts)
-        .arg(&split_up)
-        .arg(&mut act.data);
-    // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; starts has
-    // selected + 1 entries within total; every projection address lies, with its [inter, h] /
-    // [h, inter] shape, inside its expert's bytes (checked where the lists were built), which
-    // stay allocated until the stream ran (slots borrowed by the caller, or staged uploads).
-    unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+    if one_row {
+        one_row_products(
+            be,
+            lists,
+            (selected, h, inter),
+            dtype,
+            (x, &mut act, &mut y),
+        )?;
+    } else {
+        let mut xs = be.alloc_act("experts", total, h)?;
+        be.gather(x, &lists.assign, total, &mut xs)?;
+        let split_up = split_k(h, inter * selected);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
+                n_exp,
+                1,
+            ),
+            block_dim: (32 * EXPERT_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUp));
+        b.arg(&xs.data)
+            .arg(&hi)
+            .arg(&ii)
+            .arg(&dt)
+            .arg(&lists.ptrs)
+            .arg(&lists.starts)
+            .arg(&split_up)
+            .arg(&mut act.data);
+        // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; starts has
+        // selected + 1 entries within total; every projection address lies, with its [inter, h] /
+        // [h, inter] shape, inside its expert's bytes (checked where the lists were built), which
+        // stay allocated until the stream ran (slots borrowed by the caller, or staged uploads).
+        unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
-    let split_down = split_k(inter, h * selected);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
-            n_exp,
-            1,
-        ),
-        ..cfg
-    };
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDown));
-    b.arg(&act.data)
-        .arg(&hi)
-        .arg(&ii)
-        .arg(&dt)
-        .arg(&lists.ptrs)
-        .arg(&lists.starts)
-        .arg(&lists.scales)
-        .arg(&split_down)
-        .arg(&mut y.data);
-    // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
-    unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+        let split_down = split_k(inter, h * selected);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
+                n_exp,
+                1,
+            ),
+            ..cfg
+        };
+        let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDown));
+        b.arg(&act.data)
+            .arg(&hi)
+            .arg(&ii)
+            .arg(&dt)
+            .arg(&lists.ptrs)
+            .arg(&lists.starts)
+            .arg(&lists.scales)
+            .arg(&split_down)
+            .arg(&mut y.data);
+        // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
+        unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+    }
 
     let rows = int("experts", x.rows)?;
     let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsCombine));
@@ -465,5 +486,51 @@ pub(super) fn run_experts(
     // SAFETY: experts_combine: out is rows * h, y total * h, the CSR lists every assignment
     // (< total, or NO_ASSIGN) under its row (< rows).
     unsafe { b.launch(elementwise(x.rows * h)) }.map_err(dev_err("experts"))?;
+    Ok(())
+}
+
+/// gate·up and down for a one-token step of 16-bit experts (kernels `*_one_row`: one warp per
+/// output column, whole rows in flight).
+fn one_row_products(
+    be: &CudaBackend,
+    lists: &ExpertLists<'_>,
+    (selected, h, inter): (usize, usize, usize),
+    dtype: Dtype,
+    (x, act, y): (&CudaAct, &mut CudaAct, &mut CudaAct),
+) -> Result<(), BackendError> {
+    let s = &be.dev.compute;
+    let (hi, ii) = (int("experts", h)?, int("experts", inter)?);
+    let bf = i32::from(dtype == Dtype::BF16);
+    let n_exp =
+        u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
+    let cfg = |columns: usize| LaunchConfig {
+        grid_dim: ((columns as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        block_dim: (32 * EXPERT_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUpOneRow));
+    b.arg(&x.data)
+        .arg(&lists.assign)
+        .arg(&hi)
+        .arg(&ii)
+        .arg(&bf)
+        .arg(&lists.ptrs)
+        .arg(&lists.starts)
+        .arg(&mut act.data);
+    // SAFETY: experts_gate_up_one_row: as experts_gate_up, reading x (rows * h) at the rows
+    // `assign` names (< rows), with at most one assignment per expert (one token), 16-bit
+    // weights at 16-byte aligned addresses and h % 8 == 0.
+    unsafe { b.launch(cfg(inter)) }.map_err(dev_err("experts"))?;
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDownOneRow));
+    b.arg(&act.data)
+        .arg(&hi)
+        .arg(&ii)
+        .arg(&bf)
+        .arg(&lists.ptrs)
+        .arg(&lists.starts)
+        .arg(&lists.scales)
+        .arg(&mut y.data);
+    // SAFETY: experts_down_one_row: as experts_down, inter % 8 == 0.
+    unsafe { b.launch(cfg(h)) }.map_err(dev_err("experts"))?;
     Ok(())
 }

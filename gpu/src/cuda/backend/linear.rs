@@ -86,6 +86,29 @@ fn gemv(
         int("linear", w.rows)?,
     );
     let dt = dtype_code(w.dtype);
+    if x.rows == 1 && w.dtype != Dtype::F32 && x.cols % 8 == 0 {
+        let bf = i32::from(w.dtype == Dtype::BF16);
+        let cfg = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(GEMV_WARPS), 1, 1),
+            block_dim: (32 * GEMV_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = be
+            .dev
+            .compute
+            .launch_builder(be.dev.kernel(Kernel::GemvOneRow));
+        l.arg(&x.data)
+            .arg(&k)
+            .arg(&w.data)
+            .arg(&bf)
+            .arg(&n)
+            .arg(&mut out.data);
+        // SAFETY: gemv_one_row(x, k, w, bf, n, out): x is k floats, w n * k 16-bit elements,
+        // out n floats; k % 8 == 0 and the allocations are 256-byte aligned, so every row and
+        // x take 16-byte loads.
+        unsafe { l.launch(cfg) }.map_err(dev_err("linear"))?;
+        return Ok(());
+    }
     let split = split_k(x.cols, w.rows);
     let cfg = LaunchConfig {
         grid_dim: ((w.rows as u32).div_ceil(GEMV_WARPS / split as u32), 1, 1),

@@ -264,7 +264,15 @@ impl CudaBackend {
                 1,
                 1,
             ),
-            block_dim: (if g >= 1024 { 256 } else { 128 }, 1, 1),
+            block_dim: (
+                match g {
+                    g if g > 4096 => 512,
+                    g if g >= 1024 => 256,
+                    _ => 128,
+                },
+                1,
+                1,
+            ),
             shared_mem_bytes: 0,
         };
         Ok(Some((cfg, int(op, g)?)))

@@ -18,6 +18,8 @@ pub struct CudaExpertTable {
     hidden: usize,
     inter: usize,
     dtype: Dtype,
+    /// Every address a multiple of 16 (vector loads).
+    aligned: bool,
     ptrs: CudaSlice<u64>,
 }
 
@@ -64,6 +66,7 @@ pub(super) fn expert_table(
         ptrs.push(at("up", &r.up, [inter, hidden])?);
         ptrs.push(at("down", &r.down, [hidden, inter])?);
     }
+    let aligned = ptrs.iter().all(|p| p % 16 == 0);
     let ptrs = be
         .dev
         .compute
@@ -74,6 +77,7 @@ pub(super) fn expert_table(
         hidden,
         inter,
         dtype,
+        aligned,
         ptrs,
     }))
 }
@@ -108,6 +112,12 @@ pub(super) fn routing_log(
 
 /// Threads of the planning block.
 const PLAN_THREADS: u32 = 256;
+/// Rows up to which the planning block routes them itself (two per warp).
+const PLAN_ROUTE_ROWS: usize = 16;
+/// Experts up to which the routers' probabilities fit the planning block's shared memory.
+const PLAN_ROUTE_EXPERTS: usize = 512;
+/// Choices up to which the planning block works on them in shared memory.
+const PLAN_STAGED_CHOICES: usize = 1024;
 
 pub(super) fn route_experts(
     be: &CudaBackend,
@@ -150,7 +160,13 @@ pub(super) fn route_experts(
     let (top_k, renormalize) = (log.top_k, log.renormalize);
     let mut seg = log.data.slice_mut(entry * 2 * n..(entry + 1) * 2 * n);
     let (mut chosen, mut weights) = seg.split_at_mut(n);
-    launch_route(be, logits, top_k, renormalize, &mut chosen, &mut weights)?;
+    // Few rows: the planning block routes them itself (one launch fewer); many: one block per
+    // row first.
+    let route_here = x.rows <= PLAN_ROUTE_ROWS && table.experts <= PLAN_ROUTE_EXPERTS;
+    if !route_here {
+        launch_route(be, logits, top_k, renormalize, &mut chosen, &mut weights)?;
+    }
+    let staged = n <= PLAN_STAGED_CHOICES;
 
     let selected = n.min(table.experts);
     let rows = x.rows;
@@ -175,9 +191,17 @@ pub(super) fn route_experts(
         int(op, table.experts)?,
         int(op, selected)?,
     );
-    let smem = u32::try_from(2 * 4 * table.experts)
+    let (renorm, staged_i) = (i32::from(renormalize), i32::from(staged));
+    let words = 3 * table.experts
+        + if staged { 3 * n } else { 0 }
+        + if route_here {
+            (PLAN_THREADS as usize / 32) * table.experts
+        } else {
+            0
+        };
+    let smem = u32::try_from(4 * words)
         .ok()
-        .filter(|&b| b <= 32 * 1024)
+        .filter(|&b| b <= 48 * 1024)
         .ok_or_else(|| {
             shape_err(
                 op,
@@ -191,15 +215,22 @@ pub(super) fn route_experts(
         let (mut scales, mut rest) = rest.split_at_mut(n);
         let (mut row_starts, mut rest) = rest.split_at_mut(rows + 1);
         let (mut row_assign, mut slot_of) = rest.split_at_mut(n);
+        let null = 0u64;
         let mut b = s.launch_builder(be.dev.kernel(Kernel::MoePlan));
-        // Read only, though the views are mutable (they were written just before).
-        b.arg(&mut chosen)
+        if route_here {
+            b.arg(&logits.data);
+        } else {
+            b.arg(&null);
+        }
+        b.arg(&renorm)
+            .arg(&mut chosen)
             .arg(&mut weights)
             .arg(&ni)
             .arg(&ki)
             .arg(&ri)
             .arg(&ei)
             .arg(&si)
+            .arg(&staged_i)
             .arg(&table.ptrs)
             .arg(&mut ptrs)
             .arg(&mut starts)
@@ -213,11 +244,12 @@ pub(super) fn route_experts(
             block_dim: (PLAN_THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: moe_plan(experts, weights, n, k, rows, ne, maxsel, table, ptrs, starts,
-        // assign, scales, row_starts, row_assign, slot_of): the choices hold n = rows * k
-        // entries each, the table 3 * ne addresses; the outputs are sized 3 * maxsel u64,
-        // maxsel + 1, n, n, rows + 1, n and n as the kernel writes them; maxsel = min(n, ne)
-        // bounds the distinct experts chosen; shared memory holds 2 * ne u32.
+        // SAFETY: moe_plan(logits, renorm, experts, weights, n, k, rows, ne, maxsel, staged,
+        // table, ptrs, starts, assign, scales, row_starts, row_assign, slot_of): logits (when
+        // not null) is rows * ne, the choices hold n = rows * k entries each, the table 3 * ne
+        // addresses; the outputs are sized 3 * maxsel u64, maxsel + 1, n, n, rows + 1, n and n
+        // as the kernel writes them; maxsel = min(n, ne) bounds the distinct experts chosen;
+        // shared memory is sized as the kernel lays it out for `staged` and `logits`.
         unsafe { b.launch(cfg) }.map_err(dev_err(op))?;
     }
     let lists = ExpertLists {
@@ -233,7 +265,7 @@ pub(super) fn route_experts(
         x,
         &lists,
         (selected, n),
-        (table.inter, table.dtype),
+        (table.inter, table.dtype, table.aligned),
         out,
     )
 }
