@@ -2,7 +2,7 @@
 // (head, row): each warp walks every ATT_WARPS-th visible key with an online softmax, then the
 // warps' partial results are merged. head_dim up to 32 * ATT_DIMS.
 
-#define ATT_WARPS 8
+#define ATT_WARPS 16
 #define ATT_DIMS 8
 
 extern "C" __global__ void attention(const float* q, const float* kpool, const float* vpool,

@@ -92,32 +92,41 @@ extern "C" __global__ void experts_gate_up_one_row(const float* x, const u32* as
     if ((threadIdx.x & 31) == 0) act[(long long)a * inter + j] = silu(g) * u;
 }
 
+// Two output columns per warp (c, c + 1: 2 * inter contiguous weights), so a short down row
+// still has a full set of loads in flight; grid (ceil(hidden / 16), experts).
 extern "C" __global__ void experts_down_one_row(const float* act, int hidden, int inter, int bf,
                                                 const u64* ptrs, const u32* starts,
                                                 const float* scales, float* y) {
     const int e = blockIdx.y;
-    const int c = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int c = 2 * (blockIdx.x * 8 + (threadIdx.x >> 5));
     const u32 a = starts[e];
     if (c >= hidden || a == starts[e + 1]) return;
-    const u16* rows[1] = {(const u16*)ptrs[3 * e + 2] + (long long)c * inter};
-    float acc[1];
-    dot_one_row<1>(rows, bf, act + (long long)a * inter, inter, acc);
-    float v = warp_sum(acc[0]);
-    if ((threadIdx.x & 31) == 0) y[(long long)a * hidden + c] = v * scales[a];
+    const bool pair = c + 1 < hidden;
+    const u16* d = (const u16*)ptrs[3 * e + 2];
+    const u16* rows[2] = {d + (long long)c * inter, d + (long long)(pair ? c + 1 : c) * inter};
+    float acc[2];
+    dot_one_row<2>(rows, bf, act + (long long)a * inter, inter, acc);
+    float v0 = warp_sum(acc[0]), v1 = warp_sum(acc[1]);
+    if ((threadIdx.x & 31) == 0) {
+        y[(long long)a * hidden + c] = v0 * scales[a];
+        if (pair) y[(long long)a * hidden + c + 1] = v1 * scales[a];
+    }
 }
 
 #define NO_ASSIGN 0xffffffffu
 
 // out[r, c] += y[a, c] for each assignment a of row r, in ascending expert order (the order
 // transformers adds them); row_starts / row_assign list them per row (CSR). NO_ASSIGN entries
-// (a token whose router named no expert, see moe_plan) add nothing.
+// (a token whose router named no expert, see moe_plan) add nothing. With `fresh`, out starts
+// from zero instead of its contents.
 extern "C" __global__ void experts_combine(float* out, const float* y, const u32* row_starts,
-                                           const u32* row_assign, int rows, int hidden) {
+                                           const u32* row_assign, int rows, int hidden,
+                                           int fresh) {
     long long total = (long long)rows * hidden;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         long long r = i / hidden, c = i % hidden;
-        float o = out[i];
+        float o = fresh ? 0.0f : out[i];
         for (u32 t = row_starts[r]; t < row_starts[r + 1]; t++) {
             u32 a = row_assign[t];
             if (a != NO_ASSIGN) o += y[(long long)a * hidden + c];
@@ -242,7 +251,31 @@ extern "C" __global__ void moe_plan(const float* logits, int renorm, u32* expert
         scales[a] = 0.0f;
     }
     __syncthreads();
-    // Per row, its k choices by ascending expert (a router picks an expert once per row).
+    // Per row, its k choices by ascending expert (a router picks an expert once per row),
+    // out-of-range choices last. k <= 32: a warp per row, lane i ranks choice i against the
+    // others; else a thread per row, by repeated minimum.
+    if (k <= 32) {
+        const int lane = tid & 31;
+        for (int r = tid >> 5; r < rows; r += nt >> 5) {
+            const long long base = (long long)r * k;
+            const u32 e = lane < k ? ex[base + lane] : NO_ASSIGN;
+            const bool ok = lane < k && e < (u32)ne;
+            u32 rank = 0, nvalid = 0;
+            for (int j = 0; j < k; j++) {
+                const u32 ej = __shfl_sync(0xffffffffu, e, j);
+                const bool okj = ej < (u32)ne;
+                nvalid += okj;
+                rank += ok ? (okj && ej < e) : (!okj && j < lane);
+            }
+            if (lane < k) {
+                if (!ok) rank += nvalid;
+                row_assign[base + rank] = ok ? slot_of[base + lane] : NO_ASSIGN;
+            }
+            if (lane == 0) row_starts[r] = (u32)base;
+            if (lane == 0 && r == rows - 1) row_starts[rows] = (u32)(base + k);
+        }
+        return;
+    }
     for (int r = tid; r < rows; r += nt) {
         const long long base = (long long)r * k;
         row_starts[r] = (u32)base;

@@ -388,18 +388,18 @@ pub trait Backend: std::fmt::Debug {
     }
 
     /// [`Backend::route`] on `logits`, then [`Backend::experts`] with every selected expert
-    /// taken from `table`, without the decision leaving the device: it is kept in `log` as
-    /// entry `entry` for [`Backend::read_routing_log`]. Same sums, in the same order.
+    /// taken from `table` into a new activation of `x`'s shape (what `experts` would add to
+    /// zeros: same sums, in the same order), without the decision leaving the device: it is
+    /// kept in `log` as entry `entry` for [`Backend::read_routing_log`].
     fn route_experts(
         &self,
         logits: &Self::Act,
         table: &Self::ExpertTable,
         x: &Self::Act,
-        out: &mut Self::Act,
         log: &mut Self::RoutingLog,
         entry: usize,
-    ) -> Result<(), BackendError> {
-        let _ = (logits, table, x, out, log, entry);
+    ) -> Result<Self::Act, BackendError> {
+        let _ = (logits, table, x, log, entry);
         Err(no_device_routing("route_experts"))
     }
 

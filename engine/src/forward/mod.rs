@@ -438,7 +438,6 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                                 table,
                                 shared.as_ref(),
                                 (log, routed.len() - 1),
-                                (step.ids.len(), spec.hidden_size),
                             )?
                         } else {
                             let routing = moe::route(b, &spec.moe, i, &h2, router)?;

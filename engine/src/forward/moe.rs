@@ -217,7 +217,6 @@ pub(super) fn check_routing(
 
 /// The MoE block of `layer` routed on the device: router, then every selected expert from
 /// `table`, the decision kept in `log` at its entry; plus the gated shared expert.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn moe_on_device<B: Backend>(
     backend: &B,
     layer: usize,
@@ -226,15 +225,12 @@ pub(super) fn moe_on_device<B: Backend>(
     table: &B::ExpertTable,
     shared: Option<&SharedExpertWeights<B::Weight>>,
     (log, entry): (&mut B::RoutingLog, usize),
-    (rows, hidden): (usize, usize),
 ) -> Result<B::Act, EngineError> {
     let err = EngineError::at(layer, "router");
     let logits = backend.linear(h, router, None).map_err(err)?;
-    let err = EngineError::at(layer, "experts");
-    let mut out = backend.zeros(rows, hidden).map_err(err)?;
-    backend
-        .route_experts(&logits, table, h, &mut out, log, entry)
-        .map_err(err)?;
+    let mut out = backend
+        .route_experts(&logits, table, h, log, entry)
+        .map_err(EngineError::at(layer, "experts"))?;
     add_shared(backend, layer, h, shared, &mut out)?;
     Ok(out)
 }

@@ -16,7 +16,7 @@ use crate::cuda::device::Kernel;
 /// Warps per block of the expert kernels (one output column each).
 const EXPERT_WARPS: u32 = 8;
 /// Warps per block of attention (see kernels/attention.cu).
-const ATT_WARPS: u32 = 8;
+const ATT_WARPS: u32 = 16;
 /// Widest head attention handles (32 lanes × ATT_DIMS).
 const ATT_MAX_HEAD_DIM: usize = 256;
 
@@ -372,7 +372,7 @@ pub(super) fn experts(
         &lists,
         (work.len(), total),
         (inter, dtype, aligned),
-        out,
+        (out, false),
     )?;
     drop(staged);
     Ok(())
@@ -393,14 +393,15 @@ pub(super) struct ExpertLists<'a> {
 
 /// Gathers the assigned rows of `x`, runs gate·up, down and the combine into `out` for
 /// `selected` expert entries and `total` assignments of `[inter, hidden]` experts in `dtype`
-/// (`aligned`: every projection address a multiple of 16).
+/// (`aligned`: every projection address a multiple of 16); `fresh`: `out` is overwritten
+/// with the sums instead of added to.
 pub(super) fn run_experts(
     be: &CudaBackend,
     x: &CudaAct,
     lists: &ExpertLists<'_>,
     (selected, total): (usize, usize),
     (inter, dtype, aligned): (usize, Dtype, bool),
-    out: &mut CudaAct,
+    (out, fresh): (&mut CudaAct, bool),
 ) -> Result<(), BackendError> {
     let one_row =
         x.rows == 1 && dtype != Dtype::F32 && aligned && x.cols % 8 == 0 && inter % 8 == 0;
@@ -475,14 +476,15 @@ pub(super) fn run_experts(
         unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
     }
 
-    let rows = int("experts", x.rows)?;
+    let (rows, fresh) = (int("experts", x.rows)?, i32::from(fresh));
     let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsCombine));
     b.arg(&mut out.data)
         .arg(&y.data)
         .arg(&lists.row_starts)
         .arg(&lists.row_assign)
         .arg(&rows)
-        .arg(&hi);
+        .arg(&hi)
+        .arg(&fresh);
     // SAFETY: experts_combine: out is rows * h, y total * h, the CSR lists every assignment
     // (< total, or NO_ASSIGN) under its row (< rows).
     unsafe { b.launch(elementwise(x.rows * h)) }.map_err(dev_err("experts"))?;
@@ -530,7 +532,7 @@ fn one_row_products(
         .arg(&lists.starts)
         .arg(&lists.scales)
         .arg(&mut y.data);
-    // SAFETY: experts_down_one_row: as experts_down, inter % 8 == 0.
-    unsafe { b.launch(cfg(h)) }.map_err(dev_err("experts"))?;
+    // SAFETY: experts_down_one_row: as experts_down, inter % 8 == 0, two columns per warp.
+    unsafe { b.launch(cfg(h.div_ceil(2))) }.map_err(dev_err("experts"))?;
     Ok(())
 }

@@ -610,11 +610,10 @@ impl Backend for CudaBackend {
         logits: &CudaAct,
         table: &CudaExpertTable,
         x: &CudaAct,
-        out: &mut CudaAct,
         log: &mut CudaRoutingLog,
         entry: usize,
-    ) -> Result<(), BackendError> {
-        resident::route_experts(self, logits, table, x, out, log, entry)
+    ) -> Result<CudaAct, BackendError> {
+        resident::route_experts(self, logits, table, x, log, entry)
     }
 
     fn read_routing_log(&self, log: &CudaRoutingLog) -> Result<Vec<Routing>, BackendError> {

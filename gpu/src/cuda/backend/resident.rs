@@ -4,7 +4,7 @@
 //! on the host. The decisions are kept in a [`CudaRoutingLog`] and come back once per step.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use tileflow_engine::backend::{check, BackendError, ExpertBytes, ExpertRef, Routing};
+use tileflow_engine::backend::{check, Backend, BackendError, ExpertBytes, ExpertRef, Routing};
 use tileflow_engine::dtype::Dtype;
 
 use super::experts::{launch_route, projection_ptr, run_experts, ExpertLists};
@@ -124,13 +124,11 @@ pub(super) fn route_experts(
     logits: &CudaAct,
     table: &CudaExpertTable,
     x: &CudaAct,
-    out: &mut CudaAct,
     log: &mut CudaRoutingLog,
     entry: usize,
-) -> Result<(), BackendError> {
+) -> Result<CudaAct, BackendError> {
     let op = "route_experts";
     check::route(table.experts, log.top_k)?;
-    check::same_shape(op, (x.rows, x.cols), (out.rows, out.cols))?;
     if logits.rows != x.rows
         || logits.rows != log.tokens
         || logits.cols != table.experts
@@ -155,7 +153,7 @@ pub(super) fn route_experts(
     }
     let n = log.choices();
     if n == 0 || x.cols == 0 || table.inter == 0 {
-        return Ok(());
+        return Backend::zeros(be, x.rows, x.cols);
     }
     let (top_k, renormalize) = (log.top_k, log.renormalize);
     let mut seg = log.data.slice_mut(entry * 2 * n..(entry + 1) * 2 * n);
@@ -260,14 +258,16 @@ pub(super) fn route_experts(
         row_starts: plan.slice(o_row_starts..o_row_assign),
         row_assign: plan.slice(o_row_assign..o_slot_of),
     };
+    let mut out = be.alloc_act(op, x.rows, x.cols)?;
     run_experts(
         be,
         x,
         &lists,
         (selected, n),
         (table.inter, table.dtype, table.aligned),
-        out,
-    )
+        (&mut out, true),
+    )?;
+    Ok(out)
 }
 
 pub(super) fn read_routing_log(
