@@ -24,15 +24,36 @@ extern "C" __global__ void gemv(const float* x, int m, int k, const void* w, int
     }
 }
 
-// out[n] = x[k] · w[n, k]ᵀ for one row of x and 16-bit weights (see dot_one_row): one warp per
-// output column, grid ceil(n / 8) blocks of 256 threads.
-extern "C" __global__ void gemv_one_row(const float* x, int k, const u16* w, int bf, int n,
-                                        float* out) {
-    const int col = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (col >= n) return;
+// out[col] = x · w[col] for one row of x and 16-bit weights (see dot_one_row), by one warp.
+__device__ __forceinline__ void gemv_one_col(const float* x, int k, const u16* w, int bf, int col,
+                                             float* out) {
     const u16* rows[1] = {w + (long long)col * k};
     float acc[1];
     dot_one_row<1>(rows, bf, x, k, acc);
     float v = warp_sum(acc[0]);
     if ((threadIdx.x & 31) == 0) out[col] = v;
+}
+
+// out[n] = x[k] · w[n, k]ᵀ for one row of x and 16-bit weights: one warp per output column,
+// grid ceil(n / 8) blocks of 256 threads.
+extern "C" __global__ void gemv_one_row(const float* x, int k, const u16* w, int bf, int n,
+                                        float* out) {
+    const int col = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (col < n) gemv_one_col(x, k, w, bf, col, out);
+}
+
+// The same for up to three matrices of one x in one launch (a layer's q, k and v): warp c
+// takes column c of their concatenation; an unused matrix has n = 0.
+// grid ceil((n0 + n1 + n2) / 8) blocks of 256 threads.
+extern "C" __global__ void gemv_one_row3(const float* x, int k, int bf, const u16* w0, int n0,
+                                         float* o0, const u16* w1, int n1, float* o1,
+                                         const u16* w2, int n2, float* o2) {
+    int col = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (col < n0) {
+        gemv_one_col(x, k, w0, bf, col, o0);
+    } else if ((col -= n0) < n1) {
+        gemv_one_col(x, k, w1, bf, col, o1);
+    } else if ((col -= n1) < n2) {
+        gemv_one_col(x, k, w2, bf, col, o2);
+    }
 }

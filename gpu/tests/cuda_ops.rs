@@ -597,3 +597,41 @@ fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
         assert!(gpu.route_experts(&gl, &table, &gx, &mut log, 1).is_err());
     }
 }
+
+#[test]
+fn fused_linears_match_one_by_one() {
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        let Some((cpu, gpu)) = backends(dtype) else {
+            return;
+        };
+        let mut rng = Rng(12);
+        for (m, k) in [(1, 264), (1, 2056), (3, 264)] {
+            let x = rng.matrix(m, k, 1.0);
+            let ws: Vec<HostMatrix> = [40, 24, 9]
+                .iter()
+                .map(|&n| rng.weight(n, k, dtype))
+                .collect();
+            let bias = rng.matrix(1, 24, 1.0);
+            let gx = gpu.upload_act(x.clone()).unwrap();
+            let gws: Vec<_> = ws.iter().map(|w| gpu.upload(w.clone()).unwrap()).collect();
+            let gb = gpu.upload(bias.clone()).unwrap();
+            let pairs = [(&gws[0], None), (&gws[1], Some(&gb)), (&gws[2], None)];
+            let got = gpu.linears(&gx, &pairs).unwrap();
+            assert_eq!(got.len(), 3);
+            for (i, g) in got.iter().enumerate() {
+                let b = (i == 1).then_some(&bias);
+                let want = cpu.linear(&x, &ws[i], b).unwrap();
+                close(
+                    &format!("linears {dtype:?} [{m},{k}] #{i}"),
+                    &gpu.download(g).unwrap(),
+                    &want,
+                    F32_TOL,
+                );
+            }
+            let wrong = gpu.upload(rng.weight(4, k + 8, dtype)).unwrap();
+            assert!(gpu
+                .linears(&gx, &[(&gws[0], None), (&wrong, None)])
+                .is_err());
+        }
+    }
+}

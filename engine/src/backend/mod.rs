@@ -308,6 +308,16 @@ pub trait Backend: std::fmt::Debug {
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Act, BackendError>;
 
+    /// [`Backend::linear`] of one `x` by each `(weight, bias)` (a layer's q, k and v), in
+    /// one launch where the backend can.
+    fn linears(
+        &self,
+        x: &Self::Act,
+        weights: &[(&Self::Weight, Option<&Self::Weight>)],
+    ) -> Result<Vec<Self::Act>, BackendError> {
+        weights.iter().map(|&(w, b)| self.linear(x, w, b)).collect()
+    }
+
     /// Clamps every element to `[-limit, limit]`.
     fn clamp(&self, x: &mut Self::Act, limit: f32) -> Result<(), BackendError>;
 

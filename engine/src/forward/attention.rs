@@ -29,9 +29,21 @@ impl<B: Backend> LayerContext<'_, B> {
     ) -> Result<B::Act, EngineError> {
         let (b, a, spec) = (self.backend, self.weights, self.spec);
         let err = EngineError::at(self.layer, "attention");
-        let mut q = b.linear(h, &a.q, a.q_bias.as_ref()).map_err(err)?;
-        let mut k = b.linear(h, &a.k, a.k_bias.as_ref()).map_err(err)?;
-        let mut v = b.linear(h, &a.v, a.v_bias.as_ref()).map_err(err)?;
+        let qkv = [
+            (&a.q, a.q_bias.as_ref()),
+            (&a.k, a.k_bias.as_ref()),
+            (&a.v, a.v_bias.as_ref()),
+        ];
+        let [mut q, mut k, mut v]: [B::Act; 3] = b
+            .linears(h, &qkv)
+            .map_err(err)?
+            .try_into()
+            .map_err(|got: Vec<B::Act>| {
+                err(crate::backend::BackendError::Shape {
+                    op: "linears",
+                    detail: format!("{} results for 3 weights", got.len()),
+                })
+            })?;
         // OLMoE's norm spans the whole projection, Qwen3's each head: the weight's width
         // (q_dim or head_dim) tells the backend which.
         if let Some(qn) = &a.q_norm {

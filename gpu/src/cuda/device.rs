@@ -50,11 +50,12 @@ pub(crate) enum Kernel {
     GemvOneRow,
     ExpertsGateUpOneRow,
     ExpertsDownOneRow,
+    GemvOneRow3,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 21] = [
+    pub(crate) const ALL: [Kernel; 22] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -76,6 +77,7 @@ impl Kernel {
         Kernel::GemvOneRow,
         Kernel::ExpertsGateUpOneRow,
         Kernel::ExpertsDownOneRow,
+        Kernel::GemvOneRow3,
     ];
 
     /// The `extern "C"` name in `gpu/kernels/`.
@@ -102,6 +104,7 @@ impl Kernel {
             Kernel::GemvOneRow => "gemv_one_row",
             Kernel::ExpertsGateUpOneRow => "experts_gate_up_one_row",
             Kernel::ExpertsDownOneRow => "experts_down_one_row",
+            Kernel::GemvOneRow3 => "gemv_one_row3",
         }
     }
 }

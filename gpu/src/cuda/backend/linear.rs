@@ -62,16 +62,99 @@ pub(super) fn linear(
         gemm(be, x, w, &mut out)?;
     }
     if let Some(b) = bias {
-        let (rows, cols) = (int("linear", m)?, int("linear", n)?);
-        let mut l = be
-            .dev
-            .compute
-            .launch_builder(be.dev.kernel(Kernel::AddBias));
-        l.arg(&mut out.data).arg(&b.data).arg(&rows).arg(&cols);
-        // SAFETY: add_bias(x, bias, rows, cols): out is rows * cols, bias cols (checked).
-        unsafe { l.launch(elementwise(m * n)) }.map_err(dev_err("linear bias"))?;
+        add_bias(be, &mut out, b)?;
     }
     Ok(out)
+}
+
+/// `out[r] += bias` for every row (shapes checked by the caller).
+fn add_bias(be: &CudaBackend, out: &mut CudaAct, b: &CudaWeight) -> Result<(), BackendError> {
+    let (rows, cols) = (int("linear", out.rows)?, int("linear", out.cols)?);
+    let mut l = be
+        .dev
+        .compute
+        .launch_builder(be.dev.kernel(Kernel::AddBias));
+    l.arg(&mut out.data).arg(&b.data).arg(&rows).arg(&cols);
+    // SAFETY: add_bias(x, bias, rows, cols): out is rows * cols, bias cols (checked).
+    unsafe { l.launch(elementwise(out.rows * out.cols)) }.map_err(dev_err("linear bias"))?;
+    Ok(())
+}
+
+/// Matrices [`linears`] computes in one launch.
+const FUSED_LINEARS: usize = 3;
+
+/// [`linear`] of one `x` by several weights: for one row of x and up to three 16-bit
+/// matrices, one launch of `gemv_one_row3`; otherwise one [`linear`] each.
+pub(super) fn linears(
+    be: &CudaBackend,
+    x: &CudaAct,
+    weights: &[(&CudaWeight, Option<&CudaWeight>)],
+) -> Result<Vec<CudaAct>, BackendError> {
+    let fused = x.rows == 1
+        && x.cols % 8 == 0
+        && (1..=FUSED_LINEARS).contains(&weights.len())
+        && weights
+            .iter()
+            .all(|(w, _)| w.dtype != Dtype::F32 && w.dtype == weights[0].0.dtype && w.rows > 0);
+    if !fused {
+        return weights.iter().map(|&(w, b)| linear(be, x, w, b)).collect();
+    }
+    for &(w, b) in weights {
+        check::linear(
+            (x.rows, x.cols),
+            (w.rows, w.cols),
+            b.map(|b| b.rows * b.cols),
+        )?;
+        if b.is_some_and(|b| b.dtype != Dtype::F32) {
+            return Err(shape_err("linear", "a matrix as the bias".into()));
+        }
+    }
+    let mut outs = weights
+        .iter()
+        .map(|(w, _)| be.alloc_act("linear", 1, w.rows))
+        .collect::<Result<Vec<_>, _>>()?;
+    let s = &be.dev.compute;
+    // Per matrix: its weights, columns and output (null and 0 where unused).
+    let mut args = [(0u64, 0i32, 0u64); FUSED_LINEARS];
+    let mut columns = 0usize;
+    for (i, ((w, _), out)) in weights.iter().zip(outs.iter_mut()).enumerate() {
+        args[i] = (
+            w.data.device_ptr(s).0,
+            int("linear", w.rows)?,
+            out.data.device_ptr_mut(s).0,
+        );
+        columns += w.rows;
+    }
+    let (k, bf) = (
+        int("linear", x.cols)?,
+        i32::from(weights[0].0.dtype == Dtype::BF16),
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (
+            u32::try_from(columns.div_ceil(GEMV_WARPS as usize))
+                .map_err(|_| shape_err("linear", "too many columns".into()))?,
+            1,
+            1,
+        ),
+        block_dim: (32 * GEMV_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = s.launch_builder(be.dev.kernel(Kernel::GemvOneRow3));
+    l.arg(&x.data).arg(&k).arg(&bf);
+    for (w, n, out) in &args {
+        l.arg(w).arg(n).arg(out);
+    }
+    // SAFETY: gemv_one_row3(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2): x is k floats; each
+    // used w is n * k 16-bit elements (shapes checked) and its o n floats, all allocations
+    // alive until this stream ran them (weights borrowed, outputs returned); unused matrices
+    // have n = 0 and are never touched; k % 8 == 0 with 256-byte aligned allocations.
+    unsafe { l.launch(cfg) }.map_err(dev_err("linear"))?;
+    for (out, (_, b)) in outs.iter_mut().zip(weights) {
+        if let Some(b) = b {
+            add_bias(be, out, b)?;
+        }
+    }
+    Ok(outs)
 }
 
 fn gemv(

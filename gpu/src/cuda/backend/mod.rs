@@ -443,6 +443,14 @@ impl Backend for CudaBackend {
         linear::linear(self, x, w, bias)
     }
 
+    fn linears(
+        &self,
+        x: &CudaAct,
+        weights: &[(&CudaWeight, Option<&CudaWeight>)],
+    ) -> Result<Vec<CudaAct>, BackendError> {
+        linear::linears(self, x, weights)
+    }
+
     fn clamp(&self, x: &mut CudaAct, limit: f32) -> Result<(), BackendError> {
         let n = (x.rows * x.cols) as i64;
         if n == 0 {
