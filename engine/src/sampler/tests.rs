@@ -307,3 +307,27 @@ fn top_p_over_a_flat_vocabulary_keeps_the_right_share() {
     let mut s = seeded(1.0, 0, 0.999, 22);
     assert!((0..500).any(|_| s.sample(&logits).unwrap().id != 0));
 }
+
+#[test]
+fn a_large_vocabulary_scans_in_parallel_with_the_serial_answer() {
+    // 150k logits (the parallel path): the maximum twice, in two chunks, and masked tokens.
+    let n = 150_000;
+    let mut logits: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 250.0).collect();
+    logits[40_000] = 9.0;
+    logits[140_000] = 9.0;
+    logits[5] = f32::NEG_INFINITY;
+    let t = sampler(SamplingParams::greedy(1)).sample(&logits).unwrap();
+    assert_eq!(t.id, 40_000, "ties go to the lower id across chunks");
+    let max = 9.0f32;
+    let sum: f64 = logits.iter().map(|&x| f64::from((x - max).exp())).sum();
+    let want = (0.0 - sum.ln()) as f32;
+    assert!((t.logprob - want).abs() < 1e-6, "{} vs {want}", t.logprob);
+    // The first non-finite logit is named, whichever chunk it is in.
+    logits[120_000] = f32::NAN;
+    logits[90_000] = f32::INFINITY;
+    let err = sampler(SamplingParams::greedy(1))
+        .sample(&logits)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("90000"), "{err}");
+}
