@@ -38,6 +38,9 @@ for preset in "${presets[@]}"; do
     fi
     "$TILECTL" --offline model rm "$preset" >/dev/null 2>&1 || true
     "$TILECTL" model synth --preset "$preset" --name "$preset" "${layers[@]}" 2>>"$OUT/$preset-log.txt"
+    # The pack's tens of GB of dirty pages would otherwise be written back during the first
+    # measurement, slowing the host side of every step.
+    sync
     batches=(1)
     [ "$preset" = olmoe-1b-7b ] && batches=(1 16)
     for b in "${batches[@]}"; do
