@@ -80,6 +80,26 @@ pub trait TierMemory: fmt::Debug + Send {
         dst_offset: usize,
     ) -> Result<Self::Event, TierMemoryError>;
 
+    /// Starts copying the pieces `srcs` (each a buffer and a range of it), one after another,
+    /// into `dst` from `dst_offset`; the returned event (`None` when there is nothing to copy)
+    /// completes when all of them have landed. A backend merges pieces adjacent in host memory
+    /// (a host slot's tiles) into one transfer; the default copies piece by piece, which relies
+    /// on one memory's copies completing in the order they started.
+    fn copy_all_to_device(
+        &self,
+        srcs: &[(&DmaBuf, std::ops::Range<usize>)],
+        dst: &mut Self::DeviceSlot,
+        dst_offset: usize,
+    ) -> Result<Option<Self::Event>, TierMemoryError> {
+        let mut last = None;
+        let mut at = dst_offset;
+        for (src, range) in srcs {
+            last = Some(self.copy_to_device(src, range.clone(), dst, at)?);
+            at += range.len();
+        }
+        Ok(last)
+    }
+
     /// Whether the copy behind `event` has finished, without blocking.
     fn poll(&self, event: &Self::Event) -> Result<bool, TierMemoryError>;
 

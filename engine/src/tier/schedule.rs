@@ -8,7 +8,10 @@ use tileflow_spdk::Priority;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fill::{Digest, Fill, Source};
-use super::{DeviceSlot, ExpertCache, TierError, TierMemory, TierStats, Verify, MAX_STALL_EVENTS};
+use super::{
+    DeviceSlot, ExpertCache, TierError, TierMemory, TierMemoryError, TierStats, Verify,
+    MAX_STALL_EVENTS,
+};
 use crate::backend::ExpertRef;
 use crate::forward::{EngineError, ExpertProvider};
 
@@ -224,38 +227,51 @@ impl<M: TierMemory> ExpertCache<M> {
         true
     }
 
-    /// Starts the copies of a host-tier hit, hashing the host bytes when verifying.
+    /// Starts the copy of a host-tier hit (its tiles as one transfer where the memory can),
+    /// hashing the host bytes when verifying.
     fn copy_from_host(&mut self, fill: &mut Fill<M::Event>, h: usize) {
         fill.next_submit = fill.tiles;
         fill.hashed = fill.tiles;
+        let mut srcs = Vec::with_capacity(fill.tiles);
         for k in 0..fill.tiles {
             let len = fill.tile_len(k, self.tile_size);
             let Some(Some(src)) = self.host[h].tiles.get(k) else {
-                continue;
+                // A host slot always holds its tiles; were one missing, the bytes after it
+                // would land at the wrong offsets.
+                break;
             };
             if let Some(hasher) = &mut fill.hasher {
                 hasher.0.update(&src[..len]);
             }
-            let dst = &mut self.device[fill.device_slot].mem;
-            match self
-                .memory
-                .copy_to_device(src, 0..len, dst, k * self.tile_size)
-            {
-                Ok(ev) => {
-                    self.stats.h2d_bytes += len as u64;
-                    fill.copies.push((k, ev));
+            srcs.push((src, 0..len));
+        }
+        let complete = srcs.len() == fill.tiles;
+        let bytes: usize = srcs.iter().map(|(_, r)| r.len()).sum();
+        let dst = &mut self.device[fill.device_slot].mem;
+        let e = &self.manifest.experts[fill.expert];
+        let result = if complete {
+            self.memory.copy_all_to_device(&srcs, dst, 0)
+        } else {
+            Err(TierMemoryError::Copy {
+                reason: "the host slot is missing a tile".into(),
+            })
+        };
+        match result {
+            Ok(ev) => {
+                self.stats.h2d_bytes += bytes as u64;
+                if let Some(ev) = ev {
+                    fill.copies.push((fill.tiles.saturating_sub(1), ev));
                 }
-                Err(source) => {
-                    let e = &self.manifest.experts[fill.expert];
-                    fill.error.get_or_insert(TierError::Memory {
-                        model: self.model.clone(),
-                        what: format!(
-                            "cannot copy layer {} expert {} from its host slot",
-                            e.layer, e.expert
-                        ),
-                        source,
-                    });
-                }
+            }
+            Err(source) => {
+                fill.error.get_or_insert(TierError::Memory {
+                    model: self.model.clone(),
+                    what: format!(
+                        "cannot copy layer {} expert {} from its host slot",
+                        e.layer, e.expert
+                    ),
+                    source,
+                });
             }
         }
     }

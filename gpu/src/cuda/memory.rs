@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, sys, CudaEvent, CudaSlice, DevicePtr};
+use cudarc::driver::{sys, CudaEvent, CudaSlice, DevicePtr};
 use tileflow_engine::backend::{DeviceExtent, ExpertBytes};
 use tileflow_engine::tier::{TierMemory, TierMemoryError};
 use tileflow_spdk::{DmaBuf, DmaMemory};
@@ -79,33 +79,70 @@ impl TierMemory for CudaTierMemory {
         dst: &mut CudaSlot,
         dst_offset: usize,
     ) -> Result<CudaCopy, TierMemoryError> {
-        let len = range.len();
-        let bad = || TierMemoryError::CopyRange {
-            src_start: range.start,
-            len,
-            src_len: src.len(),
-            dst_offset,
-            dst_len: dst.len,
-        };
-        let from = src.get(range.clone()).ok_or_else(bad)?;
-        if dst_offset.checked_add(len).is_none_or(|end| end > dst.len) {
-            return Err(bad());
+        let copy = self.copy_all_to_device(&[(src, range)], dst, dst_offset)?;
+        copy.ok_or(TierMemoryError::Copy {
+            reason: "nothing to copy".into(),
+        })
+    }
+
+    /// One `cuMemcpyHtoDAsync` per run of pieces adjacent in host memory (a host slot's tiles
+    /// are one run), after one wait on the compute stream, ending in one event.
+    fn copy_all_to_device(
+        &self,
+        srcs: &[(&DmaBuf, std::ops::Range<usize>)],
+        dst: &mut CudaSlot,
+        dst_offset: usize,
+    ) -> Result<Option<CudaCopy>, TierMemoryError> {
+        // Checked pieces merged into runs of (host address, bytes, offset in the slot).
+        let mut runs: Vec<(*const u8, usize, usize)> = Vec::new();
+        let mut at = dst_offset;
+        for (src, range) in srcs {
+            let len = range.len();
+            let bad = || TierMemoryError::CopyRange {
+                src_start: range.start,
+                len,
+                src_len: src.len(),
+                dst_offset: at,
+                dst_len: dst.len,
+            };
+            let from = src.get(range.clone()).ok_or_else(bad)?;
+            if at.checked_add(len).is_none_or(|end| end > dst.len) {
+                return Err(bad());
+            }
+            match runs.last_mut() {
+                Some((ptr, n, _)) if ptr.wrapping_add(*n) == from.as_ptr() => *n += len,
+                _ => runs.push((from.as_ptr(), len, at)),
+            }
+            at += len;
+        }
+        if runs.is_empty() {
+            return Ok(None);
         }
         let dev = &self.dev;
         // The slot may still be read by expert kernels queued on the compute stream (it held
-        // another expert until the cache evicted it): the copy waits for them.
+        // another expert until the cache evicted it): the copies wait for them.
         let flags = Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
         let computed = dev.compute.record_event(flags).map_err(copy_err)?;
         dev.copy.wait(&computed).map_err(copy_err)?;
-        // SAFETY: `dst.ptr + dst_offset .. + len` is inside the slot (checked above), which the
-        // cache does not free or reuse before this copy's event completes; `from` is page-locked
-        // memory of the host tier that the cache keeps untouched until then too.
-        unsafe {
-            result::memcpy_htod_async(dst.ptr + dst_offset as u64, from, dev.copy.cu_stream())
+        for (ptr, len, offset) in runs {
+            // SAFETY: `dst.ptr + offset .. + len` is inside the slot (checked above), which the
+            // cache does not free or reuse before this copy's event completes; the `len` host
+            // bytes at `ptr` are the checked pieces of page-locked host-tier or staging memory
+            // that lie end to end (each byte in one of them), borrowed for this call and kept
+            // untouched by the cache until the event completes.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    dst.ptr + offset as u64,
+                    ptr.cast(),
+                    len,
+                    dev.copy.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(copy_err)?;
         }
-        .map_err(copy_err)?;
         let done = dev.copy.record_event(flags).map_err(copy_err)?;
-        Ok(CudaCopy { done })
+        Ok(Some(CudaCopy { done }))
     }
 
     fn poll(&self, event: &CudaCopy) -> Result<bool, TierMemoryError> {
