@@ -94,9 +94,10 @@ pub struct ModelRunner<B: Backend, P> {
     kv: PagedKvCache,
     pool: B::KvPool,
     prefetch: prefetch::Prefetcher,
-    /// Per layer, its expert table for device-side routing (MoE layers, once every expert is
-    /// resident and the backend can); empty while routing goes through the host.
-    tables: Vec<Option<B::ExpertTable>>,
+    /// Per layer, its expert table for device-side routing (MoE layers), built once every
+    /// expert is resident: `None` until then (or since residency ended), empty when the
+    /// backend routes on the host anyway.
+    tables: Option<Vec<Option<B::ExpertTable>>>,
 }
 
 /// The per-step layout of the batch: flattened tokens and where each chunk lies.
@@ -151,7 +152,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             experts,
             kv,
             pool,
-            tables: Vec::new(),
+            tables: None,
         })
     }
 
@@ -331,10 +332,10 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
     /// stops), so routing stays on the device; a backend that cannot gives none.
     fn refresh_tables(&mut self) -> Result<(), EngineError> {
         if !self.experts.all_resident() {
-            self.tables.clear();
+            self.tables = None;
             return Ok(());
         }
-        if !self.tables.is_empty() {
+        if self.tables.is_some() {
             return Ok(());
         }
         let mut tables = Vec::with_capacity(self.weights.layers.len());
@@ -352,10 +353,13 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                 .map_err(EngineError::at(i, "expert table"))?
             {
                 Some(t) => tables.push(Some(t)),
-                None => return Ok(()),
+                None => {
+                    tables.clear();
+                    break;
+                }
             }
         }
-        self.tables = tables;
+        self.tables = Some(tables);
         Ok(())
     }
 
@@ -383,7 +387,10 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             .collect();
         prefetch.start_step(&moe_layers, experts);
         // With every expert's table on the device, routing stays there until the step ends.
-        let mut log = if tables.is_empty() {
+        let mut log = if tables
+            .as_ref()
+            .is_none_or(|t| t.iter().all(Option::is_none))
+        {
             None
         } else {
             let tokens = step.ids.len();
@@ -422,51 +429,47 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             let h2 = b
                 .add_rms_norm(&mut x, &attn, &lw.post_attention_norm, eps)
                 .map_err(EngineError::at(i, "post-attention norm"))?;
-            let mlp =
-                match &lw.mlp {
-                    MlpWeights::Dense(m) => moe::swiglu_mlp(b, &h2, m, i)?,
-                    MlpWeights::Moe { router, shared } => {
-                        if let (Some(table), Some((log, routed))) =
-                            (tables.get(i).and_then(Option::as_ref), log.as_mut())
-                        {
-                            routed.push(i);
-                            moe::moe_on_device(
-                                b,
-                                i,
-                                &h2,
-                                router,
-                                table,
-                                shared.as_ref(),
-                                (log, routed.len() - 1),
-                            )?
-                        } else {
-                            let routing = moe::route(b, &spec.moe, i, &h2, router)?;
-                            prefetch.routed(i, &moe::chosen_experts(&routing));
-                            let next = w.layers.iter().enumerate().skip(i + 1).filter_map(
-                                |(j, l)| match &l.mlp {
-                                    MlpWeights::Moe { router, .. } => Some((j, router)),
-                                    MlpWeights::Dense(_) => None,
-                                },
-                            );
-                            let hints = if experts.all_resident() {
-                                Vec::new()
-                            } else {
-                                prefetch.look_ahead(b, &spec.moe, &h2, next)
-                            };
-                            moe::moe_experts(
-                                b,
-                                experts,
-                                i,
-                                &h2,
-                                &routing,
-                                hints,
-                                shared.as_ref(),
-                                (step.ids.len(), spec.hidden_size),
-                                &step.row_seqs,
-                            )?
-                        }
-                    }
-                };
+            let on_device = tables
+                .as_ref()
+                .and_then(|t| t.get(i))
+                .and_then(Option::as_ref);
+            let mlp = match (&lw.mlp, on_device, log.as_mut()) {
+                (MlpWeights::Dense(m), _, _) => moe::swiglu_mlp(b, &h2, m, i)?,
+                (MlpWeights::Moe { router, shared }, Some(table), Some((log, routed))) => {
+                    routed.push(i);
+                    let entry = routed.len() - 1;
+                    moe::moe_on_device(b, i, &h2, router, table, shared.as_ref(), (log, entry))?
+                }
+                (MlpWeights::Moe { router, shared }, _, _) => {
+                    let routing = moe::route(b, &spec.moe, i, &h2, router)?;
+                    prefetch.routed(i, &moe::chosen_experts(&routing));
+                    let next =
+                        w.layers
+                            .iter()
+                            .enumerate()
+                            .skip(i + 1)
+                            .filter_map(|(j, l)| match &l.mlp {
+                                MlpWeights::Moe { router, .. } => Some((j, router)),
+                                MlpWeights::Dense(_) => None,
+                            });
+                    let hints = if experts.all_resident() {
+                        Vec::new()
+                    } else {
+                        prefetch.look_ahead(b, &spec.moe, &h2, next)
+                    };
+                    moe::moe_experts(
+                        b,
+                        experts,
+                        i,
+                        &h2,
+                        &routing,
+                        hints,
+                        shared.as_ref(),
+                        (step.ids.len(), spec.hidden_size),
+                        &step.row_seqs,
+                    )?
+                }
+            };
             let next_norm = w.layers.get(i + 1).map_or(&w.final_norm, |n| &n.input_norm);
             h = b
                 .add_rms_norm(&mut x, &mlp, next_norm, eps)
