@@ -346,7 +346,8 @@ impl LogitStats {
         }
         // Large vocabularies are scanned in chunks on rayon's pool (an exp per token costs
         // ~1 ms a token at 150k entries on one core); the chunks' results are combined in
-        // order, so the answer is the serial one whatever the threads.
+        // order: the argmax and the first bad logit are the serial scan's, and the sum (added
+        // chunk by chunk) is the same whatever the threads.
         let chunk = if logits.len() >= PARALLEL_SCAN {
             SCAN_CHUNK
         } else {

@@ -94,7 +94,17 @@ pub trait TierMemory: fmt::Debug + Send {
         let mut last = None;
         let mut at = dst_offset;
         for (src, range) in srcs {
-            last = Some(self.copy_to_device(src, range.clone(), dst, at)?);
+            match self.copy_to_device(src, range.clone(), dst, at) {
+                Ok(ev) => last = Some(ev),
+                Err(e) => {
+                    // The copies started may still read host memory the cache reuses once
+                    // this fails: let them finish first.
+                    if let Some(ev) = last {
+                        let _ = self.wait(ev);
+                    }
+                    return Err(e);
+                }
+            }
             at += range.len();
         }
         Ok(last)

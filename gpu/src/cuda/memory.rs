@@ -139,7 +139,12 @@ impl TierMemory for CudaTierMemory {
                 )
             }
             .result()
-            .map_err(copy_err)?;
+            .map_err(|e| {
+                // Earlier runs may still be reading host memory the cache reuses once this
+                // fails: let them finish first.
+                let _ = dev.copy.synchronize();
+                copy_err(e)
+            })?;
         }
         let done = dev.copy.record_event(flags).map_err(copy_err)?;
         Ok(Some(CudaCopy { done }))

@@ -365,13 +365,14 @@ pub(super) fn experts(
         row_starts: d_blob.slice(o_row_starts..o_row_assign),
         row_assign: d_blob.slice(o_row_assign..),
     };
-    let aligned = ptrs.iter().all(|p| p % 16 == 0);
+    // The one-token kernels compute one assignment per expert, reading 16-byte aligned rows.
+    let one_row_ok = ptrs.iter().all(|p| p % 16 == 0) && work.iter().all(|w| w.rows.len() <= 1);
     run_experts(
         be,
         x,
         &lists,
         (work.len(), total),
-        (inter, dtype, aligned),
+        (inter, dtype, one_row_ok),
         (out, false),
     )?;
     drop(staged);
@@ -393,18 +394,19 @@ pub(super) struct ExpertLists<'a> {
 
 /// Gathers the assigned rows of `x`, runs gate·up, down and the combine into `out` for
 /// `selected` expert entries and `total` assignments of `[inter, hidden]` experts in `dtype`
-/// (`aligned`: every projection address a multiple of 16); `fresh`: `out` is overwritten
+/// (`one_row_ok`: every projection address a multiple of 16 and at most one assignment per
+/// expert, so a one-row step may take the one-token kernels); `fresh`: `out` is overwritten
 /// with the sums instead of added to.
 pub(super) fn run_experts(
     be: &CudaBackend,
     x: &CudaAct,
     lists: &ExpertLists<'_>,
     (selected, total): (usize, usize),
-    (inter, dtype, aligned): (usize, Dtype, bool),
+    (inter, dtype, one_row_ok): (usize, Dtype, bool),
     (out, fresh): (&mut CudaAct, bool),
 ) -> Result<(), BackendError> {
     let one_row =
-        x.rows == 1 && dtype != Dtype::F32 && aligned && x.cols % 8 == 0 && inter % 8 == 0;
+        x.rows == 1 && dtype != Dtype::F32 && one_row_ok && x.cols % 8 == 0 && inter % 8 == 0;
     let s = &be.dev.compute;
     let h = x.cols;
     let mut act = be.alloc_act("experts", total, inter)?;

@@ -48,6 +48,10 @@ pub(super) fn expert_table(
     let Some(first) = experts.first() else {
         return Ok(None);
     };
+    if plan_smem(experts.len(), 0, false).is_none() {
+        // Too many experts for the planning block's shared memory: route on the host.
+        return Ok(None);
+    }
     let [inter, hidden] = first.gate.shape;
     let dtype = first.dtype;
     let mut ptrs = Vec::with_capacity(3 * experts.len());
@@ -112,6 +116,24 @@ pub(super) fn routing_log(
 
 /// Threads of the planning block.
 const PLAN_THREADS: u32 = 256;
+/// Shared memory a block may use without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// Bytes of shared memory `moe_plan` needs for `ne` experts with `staged` choices (0: none
+/// staged) and routing in the block or not (kernels/experts.cu lays it out); `None` past the
+/// limit.
+fn plan_smem(ne: usize, staged: usize, route_here: bool) -> Option<u32> {
+    let words = 3 * ne
+        + 3 * staged
+        + if route_here {
+            (PLAN_THREADS as usize / 32) * ne
+        } else {
+            0
+        };
+    // + the kernel's two static u32.
+    let bytes = 4 * words + 8;
+    (bytes <= SMEM_LIMIT).then_some(bytes as u32 - 8)
+}
 /// Rows up to which the planning block routes them itself (two per warp).
 const PLAN_ROUTE_ROWS: usize = 16;
 /// Experts up to which the routers' probabilities fit the planning block's shared memory.
@@ -152,20 +174,26 @@ pub(super) fn route_experts(
         ));
     }
     let n = log.choices();
-    if n == 0 || x.cols == 0 || table.inter == 0 {
+    if n == 0 {
         return Backend::zeros(be, x.rows, x.cols);
     }
     let (top_k, renormalize) = (log.top_k, log.renormalize);
     let mut seg = log.data.slice_mut(entry * 2 * n..(entry + 1) * 2 * n);
     let (mut chosen, mut weights) = seg.split_at_mut(n);
+    if x.cols == 0 || table.inter == 0 {
+        // Nothing to compute, but the decision is still logged.
+        launch_route(be, logits, top_k, renormalize, &mut chosen, &mut weights)?;
+        return Backend::zeros(be, x.rows, x.cols);
+    }
     // Few rows: the planning block routes them itself (one launch fewer); many: one block per
     // row first.
-    let route_here = x.rows <= PLAN_ROUTE_ROWS && table.experts <= PLAN_ROUTE_EXPERTS;
+    let route_here = x.rows <= PLAN_ROUTE_ROWS
+        && table.experts <= PLAN_ROUTE_EXPERTS
+        && plan_smem(table.experts, 0, true).is_some();
     if !route_here {
         launch_route(be, logits, top_k, renormalize, &mut chosen, &mut weights)?;
     }
-    let staged = n <= PLAN_STAGED_CHOICES;
-
+    let staged = n <= PLAN_STAGED_CHOICES && plan_smem(table.experts, n, route_here).is_some();
     let selected = n.min(table.experts);
     let rows = x.rows;
     // ptrs (two u32 per address, first so they are 8-byte aligned) | starts | assign | scales |
@@ -190,17 +218,8 @@ pub(super) fn route_experts(
         int(op, selected)?,
     );
     let (renorm, staged_i) = (i32::from(renormalize), i32::from(staged));
-    let words = 3 * table.experts
-        + if staged { 3 * n } else { 0 }
-        + if route_here {
-            (PLAN_THREADS as usize / 32) * table.experts
-        } else {
-            0
-        };
-    let smem = u32::try_from(4 * words)
-        .ok()
-        .filter(|&b| b <= 48 * 1024)
-        .ok_or_else(|| {
+    let smem =
+        plan_smem(table.experts, if staged { n } else { 0 }, route_here).ok_or_else(|| {
             shape_err(
                 op,
                 format!("{} experts do not fit shared memory", table.experts),
