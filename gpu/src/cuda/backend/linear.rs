@@ -29,20 +29,36 @@ const TENSOR_CORE_MIN_ROWS: usize = 256;
 /// Warps (output columns) per block of the matrix-vector kernel.
 const GEMV_WARPS: u32 = 8;
 
+/// The shapes of `x · wᵀ + bias`, and a bias kept as an f32 vector.
+fn check_linear(
+    x: &CudaAct,
+    w: &CudaWeight,
+    bias: Option<&CudaWeight>,
+) -> Result<(), BackendError> {
+    check::linear(
+        (x.rows, x.cols),
+        (w.rows, w.cols),
+        bias.map(|b| b.rows * b.cols),
+    )?;
+    match bias {
+        Some(b) if b.dtype != Dtype::F32 => Err(shape_err(
+            "linear",
+            format!(
+                "a [{}, {}] {:?} matrix as the bias of a [{}, {}] weight",
+                b.rows, b.cols, b.dtype, w.rows, w.cols
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn linear(
     be: &CudaBackend,
     x: &CudaAct,
     w: &CudaWeight,
     bias: Option<&CudaWeight>,
 ) -> Result<CudaAct, BackendError> {
-    check::linear(
-        (x.rows, x.cols),
-        (w.rows, w.cols),
-        bias.map(|b| b.rows * b.cols),
-    )?;
-    if bias.is_some_and(|b| b.dtype != Dtype::F32) {
-        return Err(shape_err("linear", "a matrix as the bias".into()));
-    }
+    check_linear(x, w, bias)?;
     let (m, k, n) = (x.rows, x.cols, w.rows);
     let mut out = be.alloc_act("linear", m, n)?;
     if m == 0 || n == 0 {
@@ -100,14 +116,7 @@ pub(super) fn linears(
         return weights.iter().map(|&(w, b)| linear(be, x, w, b)).collect();
     }
     for &(w, b) in weights {
-        check::linear(
-            (x.rows, x.cols),
-            (w.rows, w.cols),
-            b.map(|b| b.rows * b.cols),
-        )?;
-        if b.is_some_and(|b| b.dtype != Dtype::F32) {
-            return Err(shape_err("linear", "a matrix as the bias".into()));
-        }
+        check_linear(x, w, b)?;
     }
     let mut outs = weights
         .iter()
