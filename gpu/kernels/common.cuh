@@ -57,6 +57,24 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;
 }
 
+// The sum over the block of every thread's s (double), returned to every thread; `partial` is
+// 32 doubles of shared memory, free again when this returns.
+__device__ __forceinline__ double block_sum_d(double s, double* partial) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+    s = warp_sum_d(s);
+    if (lane == 0) partial[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < nw ? partial[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) partial[0] = t;
+    }
+    __syncthreads();
+    const double total = partial[0];
+    __syncthreads();
+    return total;
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // Rows of x a warp accumulates at once in the matrix-vector kernels.

@@ -73,10 +73,10 @@ extern "C" __global__ void experts_down(const float* act, int hidden, int inter,
     }
 }
 
-// The same two products when every selected expert has exactly one assignment (a one-token
-// step), with 16-bit weights: one warp per output column (see dot_one_row); grid
-// (ceil(columns / 8), experts) of 256 threads. Entries without an assignment return at once.
-// gate_up reads its row of x directly (x[assign[a]]: no gather).
+// gate·up when every selected expert has exactly one assignment (a one-token step), with
+// 16-bit weights: one warp per output column (see dot_one_row), reading the row of x directly
+// (x[assign[a]]: no gather); grid (ceil(inter / 8), experts) of 256 threads. Entries without
+// an assignment return at once.
 extern "C" __global__ void experts_gate_up_one_row(const float* x, const u32* assign, int hidden,
                                                    int inter, int bf, const u64* ptrs,
                                                    const u32* starts, float* act) {
@@ -92,28 +92,50 @@ extern "C" __global__ void experts_gate_up_one_row(const float* x, const u32* as
     if ((threadIdx.x & 31) == 0) act[(long long)a * inter + j] = silu(g) * u;
 }
 
-// Two output columns per warp (c, c + 1: 2 * inter contiguous weights), so a short down row
-// still has a full set of loads in flight; grid (ceil(hidden / 16), experts).
-extern "C" __global__ void experts_down_one_row(const float* act, int hidden, int inter, int bf,
-                                                const u64* ptrs, const u32* starts,
-                                                const float* scales, float* y) {
-    const int e = blockIdx.y;
-    const int c = 2 * (blockIdx.x * 8 + (threadIdx.x >> 5));
-    const u32 a = starts[e];
-    if (c >= hidden || a == starts[e + 1]) return;
-    const bool pair = c + 1 < hidden;
-    const u16* d = (const u16*)ptrs[3 * e + 2];
-    const u16* rows[2] = {d + (long long)c * inter, d + (long long)(pair ? c + 1 : c) * inter};
-    float acc[2];
-    dot_one_row<2>(rows, bf, act + (long long)a * inter, inter, acc);
-    float v0 = warp_sum(acc[0]), v1 = warp_sum(acc[1]);
-    if ((threadIdx.x & 31) == 0) {
-        y[(long long)a * hidden + c] = v0 * scales[a];
-        if (pair) y[(long long)a * hidden + c + 1] = v1 * scales[a];
-    }
-}
-
 #define NO_ASSIGN 0xffffffffu
+
+// Most assignments one row may have for experts_down_combine_one_row.
+#define COMBINE_MAX 64
+
+// down and the combine in one launch for a one-token step of 16-bit experts: out[c] (+)= the
+// sum over the row's assignments, in its CSR order (ascending expert), of scale[a] *
+// (act[a] · down[c]), added in the order experts_combine adds. Each block takes two columns
+// (2 * inter contiguous weights per expert, so a short down row still has a full set of loads
+// in flight, see dot_one_row); warp w computes them for the row's assignments w, w + 8, ...
+// (each its expert's only one: entry a of ptrs), then two threads add them up in order.
+// grid ceil(hidden / 2) of 256 threads; at most COMBINE_MAX assignments.
+extern "C" __global__ void experts_down_combine_one_row(const float* act, int hidden, int inter,
+                                                        int bf, const u64* ptrs,
+                                                        const float* scales,
+                                                        const u32* row_starts,
+                                                        const u32* row_assign, float* out,
+                                                        int fresh) {
+    __shared__ float y[COMBINE_MAX][2];
+    const int c = 2 * blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const bool pair = c + 1 < hidden;
+    const u32 t0 = row_starts[0], n = row_starts[1] - t0;
+    for (u32 t = warp; t < n; t += blockDim.x >> 5) {
+        const u32 a = row_assign[t0 + t];
+        if (a == NO_ASSIGN) continue;
+        const u16* d = (const u16*)ptrs[3 * a + 2];
+        const u16* rows[2] = {d + (long long)c * inter, d + (long long)(pair ? c + 1 : c) * inter};
+        float acc[2];
+        dot_one_row<2>(rows, bf, act + (long long)a * inter, inter, acc);
+        const float v0 = warp_sum(acc[0]), v1 = warp_sum(acc[1]);
+        if (lane == 0) {
+            y[t][0] = v0 * scales[a];
+            y[t][1] = v1 * scales[a];
+        }
+    }
+    __syncthreads();
+    const int j = threadIdx.x;
+    if (j > 1 || (j == 1 && !pair)) return;
+    float o = fresh ? 0.0f : out[c + j];
+    for (u32 t = 0; t < n; t++) {
+        if (row_assign[t0 + t] != NO_ASSIGN) o += y[t][j];
+    }
+    out[c + j] = o;
+}
 
 // out[r, c] += y[a, c] for each assignment a of row r, in ascending expert order (the order
 // transformers adds them); row_starts / row_assign list them per row (CSR). NO_ASSIGN entries

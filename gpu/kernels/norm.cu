@@ -10,7 +10,6 @@
 __device__ void rms_group(float* x, const float* delta, const float* w, int g, float eps,
                           float* out) {
     __shared__ double partial[32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const bool vec = (g & 3) == 0 && g <= 4 * NORM_VEC * (int)blockDim.x &&
                      ((((u64)x) | ((u64)w) | ((u64)out) | ((u64)delta)) & 15) == 0;
     float4 xv[NORM_VEC];
@@ -53,17 +52,7 @@ __device__ void rms_group(float* x, const float* delta, const float* w, int g, f
             s += v * v;
         }
     }
-    s = warp_sum_d(s);
-    if (lane == 0) partial[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-        int nw = (blockDim.x + 31) >> 5;
-        double t = lane < nw ? partial[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) partial[0] = t;
-    }
-    __syncthreads();
-    float mean = (float)(partial[0] / g);
+    float mean = (float)(block_sum_d(s, partial) / g);
     float r = 1.0f / sqrtf(mean + eps);
     if (vec) {
 #pragma unroll

@@ -9,7 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use tileflow_engine::backend::cpu::CpuBackend;
 use tileflow_engine::backend::{
-    AttentionPlan, Backend, ChunkAttention, ExpertBytes, ExpertRef, ExpertWork, HostMatrix, Routing,
+    AttentionPlan, Backend, ChunkAttention, ExpertBytes, ExpertRef, ExpertWork, HostMatrix,
+    QkvPrep, Routing,
 };
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
@@ -274,6 +275,124 @@ fn rope_matches_for_every_position() {
     }
 }
 
+/// The fused q/k norm, clamp, RoPE and KV write against the CPU's separate ops: q itself, and
+/// attention over the pool the keys and values went to. Shapes: OLMoE's (norms over the whole
+/// projection, clamped), Qwen3's (per-head norms, GQA), neither (Mixtral), and rows too wide
+/// for the kernel's shared memory (the separate ops).
+#[test]
+fn fused_attention_inputs_match_the_ops() {
+    let Some((cpu, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(9);
+    for (heads, kv_heads, hd, norm, clip) in [
+        (4, 4, 32, Some(128), Some(1.0)),
+        (4, 2, 64, Some(64), None),
+        (2, 1, 128, None, None),
+        (104, 8, 128, Some(128), Some(2.0)),
+    ] {
+        for (rows, start) in [(1, 9), (6, 0)] {
+            let layout = KvLayout {
+                num_layers: 2,
+                num_blocks: 6,
+                block_size: 4,
+                num_kv_heads: kv_heads,
+                head_dim: hd,
+            };
+            let blocks = vec![3u32, 0, 5, 1];
+            let positions: Vec<usize> = (start..start + rows).collect();
+            let slots: Vec<usize> = positions
+                .iter()
+                .map(|&p| blocks[p / 4] as usize * 4 + p % 4)
+                .collect();
+            let table = RopeSpec {
+                theta: 10000.0,
+                head_dim: hd,
+                scaling: RopeScaling::Default,
+            }
+            .table();
+            let (q, k, v) = (
+                rng.matrix(rows, heads * hd, 2.0),
+                rng.matrix(rows, kv_heads * hd, 2.0),
+                rng.matrix(rows, kv_heads * hd, 2.0),
+            );
+            let (qn, kn) = (
+                norm.map(|g| rng.matrix(1, g.min(heads * hd), 1.0)),
+                norm.map(|g| rng.matrix(1, g.min(kv_heads * hd), 1.0)),
+            );
+            let (gqn, gkn) = (
+                qn.clone().map(|w| gpu.upload(w).unwrap()),
+                kn.clone().map(|w| gpu.upload(w).unwrap()),
+            );
+            fn prep<'a, W>(
+                norms: (Option<&'a W>, Option<&'a W>),
+                clip: Option<f32>,
+                (positions, slots): (&'a [usize], &'a [usize]),
+                rope: &'a tileflow_engine::rope::RopeTable,
+            ) -> QkvPrep<'a, W> {
+                QkvPrep {
+                    q_norm: norms.0,
+                    k_norm: norms.1,
+                    eps: 1e-6,
+                    clip,
+                    positions,
+                    rope,
+                    layer: 1,
+                    slots,
+                }
+            }
+            let at = (&positions[..], &slots[..]);
+            let mut cpool = cpu.alloc_kv(&layout).unwrap();
+            let want = cpu
+                .prepare_attention(
+                    [q.clone(), k.clone(), v.clone()],
+                    &mut cpool,
+                    &prep((qn.as_ref(), kn.as_ref()), clip, at, &table),
+                )
+                .unwrap();
+            let mut gpool = gpu.alloc_kv(&layout).unwrap();
+            let up = |m: &HostMatrix| gpu.upload_act(m.clone()).unwrap();
+            let got = gpu
+                .prepare_attention(
+                    [up(&q), up(&k), up(&v)],
+                    &mut gpool,
+                    &prep((gqn.as_ref(), gkn.as_ref()), clip, at, &table),
+                )
+                .unwrap();
+            let what = format!("{heads}/{kv_heads}x{hd} norm {norm:?} clip {clip:?}, {rows} rows");
+            close(
+                &format!("q of {what}"),
+                &gpu.download(&got).unwrap(),
+                &want,
+                F32_TOL,
+            );
+            let plan = AttentionPlan {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: hd,
+                scale: (hd as f32).powf(-0.5),
+                sliding_window: None,
+                chunks: vec![ChunkAttention {
+                    first_row: 0,
+                    rows,
+                    start_pos: start,
+                    blocks: blocks.clone(),
+                }],
+            };
+            // Earlier positions' slots hold zeros in both pools; attention reads them all.
+            let probe = rng.matrix(rows, heads * hd, 1.0);
+            let want = cpu.attention(&probe, &cpool, 1, &plan).unwrap();
+            let got = gpu.attention(&up(&probe), &gpool, 1, &plan).unwrap();
+            close(
+                &format!("keys and values of {what}"),
+                &gpu.download(&got).unwrap(),
+                &want,
+                F32_TOL,
+            );
+        }
+    }
+}
+
 #[test]
 fn paged_attention_matches_for_prefill_decode_gqa_and_windows() {
     let Some((cpu, gpu)) = backends(Dtype::BF16) else {
@@ -516,7 +635,7 @@ fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
         };
         let memory = CudaTierMemory::new(device().unwrap());
         let mut rng = Rng(11);
-        let (h, inter, ne) = (96, 72, 6);
+        let (h, inter, ne) = (96, 72, 12);
         let experts: Vec<_> = (0..ne)
             .map(|_| expert_bytes(&mut rng, h, inter, dtype))
             .collect();
@@ -543,6 +662,7 @@ fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
         let table = gpu.expert_table(&refs(true)).unwrap().unwrap();
         for (rows, k, renorm) in [
             (1, 2, true),
+            (1, 10, false),
             (11, 3, false),
             (16, 6, true),
             (40, 4, false),

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use tileflow_engine::backend::cpu::{CpuBackend, CpuKvPool};
 use tileflow_engine::backend::{
-    AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing,
+    AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, QkvPrep, Routing,
 };
 use tileflow_engine::forward::{KvCacheConfig, ModelRunner, SeqChunk};
 use tileflow_engine::kv::KvLayout;
@@ -142,6 +142,20 @@ impl Backend for Shadow {
     ) -> Result<(), BackendError> {
         self.cpu.write_kv(&mut pool.0, layer, &k.0, &v.0, slots)?;
         self.gpu.write_kv(&mut pool.1, layer, &k.1, &v.1, slots)
+    }
+    fn prepare_attention(
+        &self,
+        [q, k, v]: [Pair; 3],
+        pool: &mut Self::KvPool,
+        p: &QkvPrep<'_, Self::Weight>,
+    ) -> Result<Pair, BackendError> {
+        let c = self
+            .cpu
+            .prepare_attention([q.0, k.0, v.0], &mut pool.0, &p.map(|w| &w.0))?;
+        let g = self
+            .gpu
+            .prepare_attention([q.1, k.1, v.1], &mut pool.1, &p.map(|w| &w.1))?;
+        Ok(self.pair("prepare_attention", c, g))
     }
     fn attention(
         &self,

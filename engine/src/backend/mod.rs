@@ -237,6 +237,71 @@ pub struct ExpertWork<'a> {
     pub scales: Vec<f32>,
 }
 
+/// What happens to one layer's q, k and v between their projections and attention, in
+/// transformers' order: the q and k RMSNorms (a whole projection or each head wide), the
+/// clamp of all three, RoPE of q and k, and the KV cache write of k and v.
+#[derive(Debug, Clone, Copy)]
+pub struct QkvPrep<'a, W> {
+    /// The q norm's weight, if the family has one.
+    pub q_norm: Option<&'a W>,
+    /// The k norm's weight, if the family has one.
+    pub k_norm: Option<&'a W>,
+    /// The norms' epsilon.
+    pub eps: f32,
+    /// Clamp q, k and v to `[-clip, clip]` after the norms (OLMoE's `clip_qkv`).
+    pub clip: Option<f32>,
+    /// Each row's position.
+    pub positions: &'a [usize],
+    /// The rotary table.
+    pub rope: &'a RopeTable,
+    /// The layer whose KV pool the keys and values go to.
+    pub layer: usize,
+    /// Each row's KV slot.
+    pub slots: &'a [usize],
+}
+
+impl<'a, W> QkvPrep<'a, W> {
+    /// The same preparation with the norm weights of another backend (`f` picks them out of
+    /// these: a wrapper over two backends).
+    pub fn map<V>(&self, f: impl Fn(&'a W) -> &'a V) -> QkvPrep<'a, V> {
+        QkvPrep {
+            q_norm: self.q_norm.map(&f),
+            k_norm: self.k_norm.map(&f),
+            eps: self.eps,
+            clip: self.clip,
+            positions: self.positions,
+            rope: self.rope,
+            layer: self.layer,
+            slots: self.slots,
+        }
+    }
+}
+
+/// [`Backend::prepare_attention`] as the separate ops (the trait's default, and a device
+/// backend's fallback for shapes its fused kernel does not take).
+pub fn prepare_attention_ops<B: Backend + ?Sized>(
+    b: &B,
+    [mut q, mut k, mut v]: [B::Act; 3],
+    pool: &mut B::KvPool,
+    p: &QkvPrep<'_, B::Weight>,
+) -> Result<B::Act, BackendError> {
+    if let Some(w) = p.q_norm {
+        q = b.rms_norm(&q, w, p.eps)?;
+    }
+    if let Some(w) = p.k_norm {
+        k = b.rms_norm(&k, w, p.eps)?;
+    }
+    if let Some(c) = p.clip {
+        b.clamp(&mut q, c)?;
+        b.clamp(&mut k, c)?;
+        b.clamp(&mut v, c)?;
+    }
+    b.rope(&mut q, p.positions, p.rope)?;
+    b.rope(&mut k, p.positions, p.rope)?;
+    b.write_kv(pool, p.layer, &k, &v, p.slots)?;
+    Ok(q)
+}
+
 /// What a backend without device-side routing answers when asked for it anyway.
 fn no_device_routing(op: &'static str) -> BackendError {
     BackendError::Device {
@@ -339,6 +404,18 @@ pub trait Backend: std::fmt::Debug {
         v: &Self::Act,
         slots: &[usize],
     ) -> Result<(), BackendError>;
+
+    /// A layer's projected `[q, k, v]` made ready for [`Backend::attention`] as `p` says
+    /// (norms, clamp, RoPE, and k and v written to `pool`); returns q. The default runs the
+    /// separate ops ([`prepare_attention_ops`]); a device backend may fuse them.
+    fn prepare_attention(
+        &self,
+        qkv: [Self::Act; 3],
+        pool: &mut Self::KvPool,
+        p: &QkvPrep<'_, Self::Weight>,
+    ) -> Result<Self::Act, BackendError> {
+        prepare_attention_ops(self, qkv, pool, p)
+    }
 
     /// Causal (optionally sliding-window) GQA attention of `q` (`[tokens, heads * head_dim]`)
     /// over `layer`'s cached keys and values; softmax in f32.

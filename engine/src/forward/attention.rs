@@ -2,7 +2,7 @@
 //! cache write, paged attention and the output projection.
 
 use super::EngineError;
-use crate::backend::{AttentionPlan, Backend};
+use crate::backend::{AttentionPlan, Backend, QkvPrep};
 use crate::rope::RopeTable;
 use crate::spec::ModelSpec;
 use crate::weights::AttentionWeights;
@@ -34,33 +34,30 @@ impl<B: Backend> LayerContext<'_, B> {
             (&a.k, a.k_bias.as_ref()),
             (&a.v, a.v_bias.as_ref()),
         ];
-        let [mut q, mut k, mut v]: [B::Act; 3] = b
-            .linears(h, &qkv)
-            .map_err(err)?
-            .try_into()
-            .map_err(|got: Vec<B::Act>| {
-                err(crate::backend::BackendError::Shape {
-                    op: "linears",
-                    detail: format!("{} results for 3 weights", got.len()),
-                })
-            })?;
+        let [q, k, v]: [B::Act; 3] =
+            b.linears(h, &qkv)
+                .map_err(err)?
+                .try_into()
+                .map_err(|got: Vec<B::Act>| {
+                    err(crate::backend::BackendError::Shape {
+                        op: "linears",
+                        detail: format!("{} results for 3 weights", got.len()),
+                    })
+                })?;
         // OLMoE's norm spans the whole projection, Qwen3's each head: the weight's width
-        // (q_dim or head_dim) tells the backend which.
-        if let Some(qn) = &a.q_norm {
-            q = b.rms_norm(&q, qn, spec.rms_norm_eps).map_err(err)?;
-        }
-        if let Some(kn) = &a.k_norm {
-            k = b.rms_norm(&k, kn, spec.rms_norm_eps).map_err(err)?;
-        }
-        if let Some(c) = spec.clip_qkv {
-            // transformers' OLMoE clamps after the q/k norm, and v too.
-            b.clamp(&mut q, c).map_err(err)?;
-            b.clamp(&mut k, c).map_err(err)?;
-            b.clamp(&mut v, c).map_err(err)?;
-        }
-        b.rope(&mut q, positions, self.rope).map_err(err)?;
-        b.rope(&mut k, positions, self.rope).map_err(err)?;
-        b.write_kv(pool, self.layer, &k, &v, slots).map_err(err)?;
+        // (q_dim or head_dim) tells the backend which. transformers' OLMoE clamps after the
+        // q/k norm, and v too.
+        let prep = QkvPrep {
+            q_norm: a.q_norm.as_ref(),
+            k_norm: a.k_norm.as_ref(),
+            eps: spec.rms_norm_eps,
+            clip: spec.clip_qkv,
+            positions,
+            rope: self.rope,
+            layer: self.layer,
+            slots,
+        };
+        let q = b.prepare_attention([q, k, v], pool, &prep).map_err(err)?;
         let out = b.attention(&q, pool, self.layer, plan).map_err(err)?;
         b.linear(&out, &a.o, a.o_bias.as_ref()).map_err(err)
     }

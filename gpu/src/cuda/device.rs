@@ -22,6 +22,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("rope.cu", include_str!("../../kernels/rope.cu")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("route.cu", include_str!("../../kernels/route.cu")),
+    ("qkv.cu", include_str!("../../kernels/qkv.cu")),
     ("gemv.cu", include_str!("../../kernels/gemv.cu")),
     ("experts.cu", include_str!("../../kernels/experts.cu")),
 ];
@@ -49,13 +50,14 @@ pub(crate) enum Kernel {
     MoePlan,
     GemvOneRow,
     ExpertsGateUpOneRow,
-    ExpertsDownOneRow,
     GemvOneRow3,
+    QkvPrepare,
+    ExpertsDownCombineOneRow,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 22] = [
+    pub(crate) const ALL: [Kernel; 23] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -76,8 +78,9 @@ impl Kernel {
         Kernel::MoePlan,
         Kernel::GemvOneRow,
         Kernel::ExpertsGateUpOneRow,
-        Kernel::ExpertsDownOneRow,
         Kernel::GemvOneRow3,
+        Kernel::QkvPrepare,
+        Kernel::ExpertsDownCombineOneRow,
     ];
 
     /// The `extern "C"` name in `gpu/kernels/`.
@@ -103,8 +106,9 @@ impl Kernel {
             Kernel::MoePlan => "moe_plan",
             Kernel::GemvOneRow => "gemv_one_row",
             Kernel::ExpertsGateUpOneRow => "experts_gate_up_one_row",
-            Kernel::ExpertsDownOneRow => "experts_down_one_row",
             Kernel::GemvOneRow3 => "gemv_one_row3",
+            Kernel::QkvPrepare => "qkv_prepare",
+            Kernel::ExpertsDownCombineOneRow => "experts_down_combine_one_row",
         }
     }
 }
@@ -210,6 +214,7 @@ impl CudaDevice {
         // SAFETY: no buffer of this context exists yet, and buffers are only shared between
         // streams through the explicit events of `CudaTierMemory`.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let compute = ctx
             .new_stream()
             .map_err(|e| driver_err(format!("{name}: compute stream"), e))?;
@@ -260,6 +265,37 @@ impl CudaDevice {
         cudarc::driver::result::mem_get_info()
             .ok()
             .map(|(free, _)| free)
+    }
+}
+
+/// Bytes of freed stream-ordered allocations the device's default memory pool keeps for reuse.
+/// The driver's default (none) hands every freed activation back at each synchronisation, so
+/// the next decode step maps fresh memory for all of them; a step's activations are far below
+/// this.
+const POOL_KEEP: u64 = 256 << 20;
+
+/// Raises the default memory pool's release threshold to [`POOL_KEEP`]; a driver that refuses
+/// only costs speed, so it is logged.
+fn keep_pool_memory(ctx: &CudaContext) {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut keep = POOL_KEEP;
+    // SAFETY: the context is current (CudaContext::new binds it); the driver writes one pool
+    // handle through `pool`, and reads one u64 through the attribute's pointer, as the
+    // release threshold attribute is defined.
+    let r = unsafe {
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        if r == sys::CUresult::CUDA_SUCCESS {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+        } else {
+            r
+        }
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        tracing::warn!(result = ?r, "memory pool release threshold not set");
     }
 }
 

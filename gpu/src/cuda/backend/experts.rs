@@ -15,6 +15,10 @@ use crate::cuda::device::Kernel;
 
 /// Warps per block of the expert kernels (one output column each).
 const EXPERT_WARPS: u32 = 8;
+
+/// Most assignments of one row the one-token down-and-combine kernel takes (`COMBINE_MAX` in
+/// kernels/experts.cu).
+const COMBINE_MAX: usize = 64;
 /// Warps per block of attention (see kernels/attention.cu).
 const ATT_WARPS: u32 = 16;
 /// Widest head attention handles (32 lanes × ATT_DIMS).
@@ -405,80 +409,99 @@ pub(super) fn run_experts(
     (inter, dtype, one_row_ok): (usize, Dtype, bool),
     (out, fresh): (&mut CudaAct, bool),
 ) -> Result<(), BackendError> {
-    let one_row =
-        x.rows == 1 && dtype != Dtype::F32 && one_row_ok && x.cols % 8 == 0 && inter % 8 == 0;
+    let one_row = x.rows == 1
+        && dtype != Dtype::F32
+        && one_row_ok
+        && x.cols % 8 == 0
+        && inter % 8 == 0
+        && total <= COMBINE_MAX;
     let s = &be.dev.compute;
     let h = x.cols;
     let mut act = be.alloc_act("experts", total, inter)?;
-    let mut y = be.alloc_act("experts", total, h)?;
     let (hi, ii, dt) = (
         int("experts", h)?,
         int("experts", inter)?,
         dtype_code(dtype),
     );
+    let (rows, fresh) = (int("experts", x.rows)?, i32::from(fresh));
     let n_exp =
         u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
-
     if one_row {
-        one_row_products(
-            be,
-            lists,
-            (selected, h, inter),
-            dtype,
-            (x, &mut act, &mut y),
-        )?;
-    } else {
-        let mut xs = be.alloc_act("experts", total, h)?;
-        be.gather(x, &lists.assign, total, &mut xs)?;
-        let split_up = split_k(h, inter * selected);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
-                n_exp,
-                1,
-            ),
-            block_dim: (32 * EXPERT_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUp));
-        b.arg(&xs.data)
-            .arg(&hi)
-            .arg(&ii)
-            .arg(&dt)
-            .arg(&lists.ptrs)
-            .arg(&lists.starts)
-            .arg(&split_up)
-            .arg(&mut act.data);
-        // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; starts has
-        // selected + 1 entries within total; every projection address lies, with its [inter, h] /
-        // [h, inter] shape, inside its expert's bytes (checked where the lists were built), which
-        // stay allocated until the stream ran (slots borrowed by the caller, or staged uploads).
-        unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
-
-        let split_down = split_k(inter, h * selected);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
-                n_exp,
-                1,
-            ),
-            ..cfg
-        };
-        let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDown));
+        one_row_gate_up(be, lists, (selected, h, inter), dtype, x, &mut act)?;
+        let bf = i32::from(dtype == Dtype::BF16);
+        let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDownCombineOneRow));
         b.arg(&act.data)
             .arg(&hi)
             .arg(&ii)
-            .arg(&dt)
+            .arg(&bf)
             .arg(&lists.ptrs)
-            .arg(&lists.starts)
             .arg(&lists.scales)
-            .arg(&split_down)
-            .arg(&mut y.data);
-        // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
+            .arg(&lists.row_starts)
+            .arg(&lists.row_assign)
+            .arg(&mut out.data)
+            .arg(&fresh);
+        let cfg = LaunchConfig {
+            grid_dim: ((h as u32).div_ceil(2), 1, 1),
+            block_dim: (32 * EXPERT_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: experts_down_combine_one_row: one row, whose CSR list holds its `total` <=
+        // COMBINE_MAX assignments (or NO_ASSIGN), each its expert's only one, so assignment a
+        // is entry a of ptrs (< selected) and row a of act (total * inter); out is h floats;
+        // 16-bit weights at 16-byte aligned addresses, inter % 8 == 0.
         unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+        return Ok(());
     }
+    let mut y = be.alloc_act("experts", total, h)?;
+    let mut xs = be.alloc_act("experts", total, h)?;
+    be.gather(x, &lists.assign, total, &mut xs)?;
+    let split_up = split_k(h, inter * selected);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
+            n_exp,
+            1,
+        ),
+        block_dim: (32 * EXPERT_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUp));
+    b.arg(&xs.data)
+        .arg(&hi)
+        .arg(&ii)
+        .arg(&dt)
+        .arg(&lists.ptrs)
+        .arg(&lists.starts)
+        .arg(&split_up)
+        .arg(&mut act.data);
+    // SAFETY: experts_gate_up: xs holds total * h floats, act total * inter; starts has
+    // selected + 1 entries within total; every projection address lies, with its [inter, h] /
+    // [h, inter] shape, inside its expert's bytes (checked where the lists were built), which
+    // stay allocated until the stream ran (slots borrowed by the caller, or staged uploads).
+    unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
-    let (rows, fresh) = (int("experts", x.rows)?, i32::from(fresh));
+    let split_down = split_k(inter, h * selected);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
+            n_exp,
+            1,
+        ),
+        ..cfg
+    };
+    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDown));
+    b.arg(&act.data)
+        .arg(&hi)
+        .arg(&ii)
+        .arg(&dt)
+        .arg(&lists.ptrs)
+        .arg(&lists.starts)
+        .arg(&lists.scales)
+        .arg(&split_down)
+        .arg(&mut y.data);
+    // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
+    unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
+
     let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsCombine));
     b.arg(&mut out.data)
         .arg(&y.data)
@@ -493,26 +516,33 @@ pub(super) fn run_experts(
     Ok(())
 }
 
-/// gate·up and down for a one-token step of 16-bit experts (kernels `*_one_row`: one warp per
-/// output column, whole rows in flight).
-fn one_row_products(
+/// The launch of a one-token kernel over `columns` output columns of `selected` experts.
+fn one_row_cfg(columns: usize, selected: usize) -> Result<LaunchConfig, BackendError> {
+    let n_exp =
+        u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
+    Ok(LaunchConfig {
+        grid_dim: ((columns as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        block_dim: (32 * EXPERT_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// gate·up for a one-token step of 16-bit experts (one warp per output column, whole rows in
+/// flight), reading x's row through the assignment list.
+fn one_row_gate_up(
     be: &CudaBackend,
     lists: &ExpertLists<'_>,
     (selected, h, inter): (usize, usize, usize),
     dtype: Dtype,
-    (x, act, y): (&CudaAct, &mut CudaAct, &mut CudaAct),
+    x: &CudaAct,
+    act: &mut CudaAct,
 ) -> Result<(), BackendError> {
-    let s = &be.dev.compute;
     let (hi, ii) = (int("experts", h)?, int("experts", inter)?);
     let bf = i32::from(dtype == Dtype::BF16);
-    let n_exp =
-        u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
-    let cfg = |columns: usize| LaunchConfig {
-        grid_dim: ((columns as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
-        block_dim: (32 * EXPERT_WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUpOneRow));
+    let mut b = be
+        .dev
+        .compute
+        .launch_builder(be.dev.kernel(Kernel::ExpertsGateUpOneRow));
     b.arg(&x.data)
         .arg(&lists.assign)
         .arg(&hi)
@@ -524,17 +554,7 @@ fn one_row_products(
     // SAFETY: experts_gate_up_one_row: as experts_gate_up, reading x (rows * h) at the rows
     // `assign` names (< rows), with at most one assignment per expert (one token), 16-bit
     // weights at 16-byte aligned addresses and h % 8 == 0.
-    unsafe { b.launch(cfg(inter)) }.map_err(dev_err("experts"))?;
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDownOneRow));
-    b.arg(&act.data)
-        .arg(&hi)
-        .arg(&ii)
-        .arg(&bf)
-        .arg(&lists.ptrs)
-        .arg(&lists.starts)
-        .arg(&lists.scales)
-        .arg(&mut y.data);
-    // SAFETY: experts_down_one_row: as experts_down, inter % 8 == 0, two columns per warp.
-    unsafe { b.launch(cfg(h.div_ceil(2))) }.map_err(dev_err("experts"))?;
-    Ok(())
+    unsafe { b.launch(one_row_cfg(inter, selected)?) }
+        .map_err(dev_err("experts"))
+        .map(drop)
 }

@@ -7,6 +7,7 @@
 
 mod experts;
 mod linear;
+mod qkv;
 mod resident;
 
 pub use resident::{CudaExpertTable, CudaRoutingLog};
@@ -15,7 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
 use tileflow_engine::backend::{
-    check, AttentionPlan, Backend, BackendError, ExpertRef, ExpertWork, HostMatrix, Routing,
+    check, AttentionPlan, Backend, BackendError, ExpertRef, ExpertWork, HostMatrix, QkvPrep,
+    Routing,
 };
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
@@ -134,7 +136,7 @@ pub(crate) fn int(op: &'static str, v: usize) -> Result<i32, BackendError> {
     i32::try_from(v).map_err(|_| shape_err(op, format!("{v} does not fit a kernel's int")))
 }
 
-fn u32s(op: &'static str, v: &[usize]) -> Result<Vec<u32>, BackendError> {
+pub(crate) fn u32s(op: &'static str, v: &[usize]) -> Result<Vec<u32>, BackendError> {
     v.iter()
         .map(|&x| u32::try_from(x).map_err(|_| shape_err(op, format!("{x} does not fit u32"))))
         .collect()
@@ -549,6 +551,15 @@ impl Backend for CudaBackend {
         // slot is < the pool's slots (checked), each pool holding slots * width floats.
         unsafe { b.launch(elementwise(slots.len() * width)) }.map_err(dev_err("write_kv"))?;
         Ok(())
+    }
+
+    fn prepare_attention(
+        &self,
+        qkv: [CudaAct; 3],
+        pool: &mut CudaKvPool,
+        p: &QkvPrep<'_, CudaWeight>,
+    ) -> Result<CudaAct, BackendError> {
+        qkv::prepare_attention(self, qkv, pool, p)
     }
 
     fn attention(
