@@ -9,6 +9,8 @@ extern "C" __global__ void attention(const float* q, const float* kpool, const f
                                      const u32* pos, const u32* lo, const u32* table_off,
                                      const u32* tables, int heads, int kv_heads, int hd,
                                      int block_size, float scale, float* out) {
+    pdl_launch_next();
+    pdl_wait();
     const int head = blockIdx.x, row = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kvh = head / (heads / kv_heads);

@@ -16,6 +16,22 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (gpu/src/cuda/launch.rs): each kernel lets the next one on
+// the stream start launching at once, and waits for the grids before it to finish (their
+// writes visible) before it reads anything they may have written or writes anything itself.
+// Without the launch attribute, or before sm_90, both do nothing.
+__device__ __forceinline__ void pdl_launch_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 v) {
     return __uint_as_float(((u32)v) << 16);
 }
@@ -191,6 +207,8 @@ __device__ __forceinline__ void dot_one_row(const u16* const w[NW], int bf, cons
                 }
             }
         }
+        // Weights are never written during a step: only x waits for the ops before.
+        pdl_wait();
 #pragma unroll
         for (int u = 0; u < ONE_ROW_LOADS; u++) {
             const int k0 = base + u * 256;

@@ -3,6 +3,8 @@
 // out[i, :] = table[ids[i], :] (ids checked on the host).
 extern "C" __global__ void embed(const void* table, int dt, const u32* ids, int n, int cols,
                                  float* out) {
+    pdl_launch_next();
+    pdl_wait();
     long long total = (long long)n * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -12,6 +14,8 @@ extern "C" __global__ void embed(const void* table, int dt, const u32* ids, int 
 }
 
 extern "C" __global__ void clamp(float* x, long long n, float limit) {
+    pdl_launch_next();
+    pdl_wait();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         x[i] = fminf(fmaxf(x[i], -limit), limit);
@@ -20,6 +24,8 @@ extern "C" __global__ void clamp(float* x, long long n, float limit) {
 
 // out = silu(gate) * up
 extern "C" __global__ void swiglu(const float* gate, const float* up, float* out, long long n) {
+    pdl_launch_next();
+    pdl_wait();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         out[i] = silu(gate[i]) * up[i];
@@ -29,6 +35,8 @@ extern "C" __global__ void swiglu(const float* gate, const float* up, float* out
 // out[r, :] += sigmoid(g[r]) * y[r, :]
 extern "C" __global__ void add_gated(float* out, const float* y, const float* g, int rows,
                                      int cols) {
+    pdl_launch_next();
+    pdl_wait();
     long long total = (long long)rows * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -40,6 +48,8 @@ extern "C" __global__ void add_gated(float* out, const float* y, const float* g,
 // out[i, :] = x[rows[i], :]
 extern "C" __global__ void gather_rows(const float* x, const u32* rows, int n, int cols,
                                        float* out) {
+    pdl_launch_next();
+    pdl_wait();
     long long total = (long long)n * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -49,6 +59,8 @@ extern "C" __global__ void gather_rows(const float* x, const u32* rows, int n, i
 
 // x[r, c] += bias[c]
 extern "C" __global__ void add_bias(float* x, const float* bias, int rows, int cols) {
+    pdl_launch_next();
+    pdl_wait();
     long long total = (long long)rows * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -58,6 +70,8 @@ extern "C" __global__ void add_bias(float* x, const float* bias, int rows, int c
 
 // bf16 copy of x, for the tensor-core GEMMs of long prefills.
 extern "C" __global__ void to_bf16(const float* x, u16* out, long long n) {
+    pdl_launch_next();
+    pdl_wait();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         out[i] = f32_to_bf16(x[i]);
@@ -67,6 +81,8 @@ extern "C" __global__ void to_bf16(const float* x, u16* out, long long n) {
 // KV write: pool[slots[r], :] = src[r, :] for k and v.
 extern "C" __global__ void write_kv(const float* k, const float* v, const u32* slots, int n,
                                     int width, float* kpool, float* vpool) {
+    pdl_launch_next();
+    pdl_wait();
     long long total = (long long)n * width;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {

@@ -10,6 +10,8 @@
 extern "C" __global__ void experts_gate_up(const float* xs, int hidden, int inter, int dt,
                                            const u64* ptrs, const u32* starts, int split,
                                            float* act) {
+    pdl_launch_next();
+    pdl_wait();
     __shared__ float red[8][GEMV_ROWS];
     const int e = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -48,6 +50,8 @@ extern "C" __global__ void experts_gate_up(const float* xs, int hidden, int inte
 extern "C" __global__ void experts_down(const float* act, int hidden, int inter, int dt,
                                         const u64* ptrs, const u32* starts, const float* scales,
                                         int split, float* y) {
+    pdl_launch_next();
+    pdl_wait();
     __shared__ float red[8][GEMV_ROWS];
     const int e = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -80,6 +84,8 @@ extern "C" __global__ void experts_down(const float* act, int hidden, int inter,
 extern "C" __global__ void experts_gate_up_one_row(const float* x, const u32* assign, int hidden,
                                                    int inter, int bf, const u64* ptrs,
                                                    const u32* starts, float* act) {
+    pdl_launch_next();
+    pdl_wait();
     const int e = blockIdx.y;
     const int j = blockIdx.x * 8 + (threadIdx.x >> 5);
     const u32 a = starts[e];
@@ -110,6 +116,8 @@ extern "C" __global__ void experts_down_combine_one_row(const float* act, int hi
                                                         const u32* row_starts,
                                                         const u32* row_assign, float* out,
                                                         int fresh) {
+    pdl_launch_next();
+    pdl_wait();
     __shared__ float y[COMBINE_MAX][2];
     const int c = 2 * blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const bool pair = c + 1 < hidden;
@@ -144,6 +152,8 @@ extern "C" __global__ void experts_down_combine_one_row(const float* act, int hi
 extern "C" __global__ void experts_combine(float* out, const float* y, const u32* row_starts,
                                            const u32* row_assign, int rows, int hidden,
                                            int fresh) {
+    pdl_launch_next();
+    pdl_wait();
     long long total = (long long)rows * hidden;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -177,6 +187,8 @@ extern "C" __global__ void moe_plan(const float* logits, int renorm, u32* expert
                                     int staged, const u64* table, u64* ptrs, u32* starts,
                                     u32* assign, float* scales, u32* row_starts,
                                     u32* row_assign, u32* slot_of_global) {
+    pdl_launch_next();
+    pdl_wait();
     extern __shared__ u32 plan_sh[];
     u32* count = plan_sh;
     u32* first = plan_sh + ne;

@@ -3,6 +3,8 @@
 // grid: ceil(n / (8 / split)) blocks of 256 threads.
 extern "C" __global__ void gemv(const float* x, int m, int k, const void* w, int dt, int n,
                                 int split, float* out) {
+    pdl_launch_next();
+    pdl_wait();
     __shared__ float red[8][GEMV_ROWS];
     const int warp = threadIdx.x >> 5;
     const int col = blockIdx.x * (8 / split) + warp / split;
@@ -38,6 +40,7 @@ __device__ __forceinline__ void gemv_one_col(const float* x, int k, const u16* w
 // grid ceil(n / 8) blocks of 256 threads.
 extern "C" __global__ void gemv_one_row(const float* x, int k, const u16* w, int bf, int n,
                                         float* out) {
+    pdl_launch_next();  // waits in dot_one_row, after its weight loads
     const int col = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (col < n) gemv_one_col(x, k, w, bf, col, out);
 }
@@ -48,6 +51,7 @@ extern "C" __global__ void gemv_one_row(const float* x, int k, const u16* w, int
 extern "C" __global__ void gemv_one_row3(const float* x, int k, int bf, const u16* w0, int n0,
                                          float* o0, const u16* w1, int n1, float* o1,
                                          const u16* w2, int n2, float* o2) {
+    pdl_launch_next();  // waits in dot_one_row, after its weight loads
     int col = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (col < n0) {
         gemv_one_col(x, k, w0, bf, col, o0);

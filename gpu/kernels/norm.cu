@@ -75,6 +75,8 @@ __device__ void rms_group(float* x, const float* delta, const float* w, int g, f
 // grid: one block per group (rows * cols / g)
 extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float eps,
                                     float* out) {
+    pdl_launch_next();
+    pdl_wait();
     long long off = (long long)blockIdx.x * g;
     rms_group((float*)x + off, nullptr, w, g, eps, out + off);
 }
@@ -82,6 +84,8 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
 // x += delta, then out = rms_norm(x). Each block owns its group, so the add is race-free.
 extern "C" __global__ void add_rms_norm(float* x, const float* delta, const float* w, int g,
                                         float eps, float* out) {
+    pdl_launch_next();
+    pdl_wait();
     long long off = (long long)blockIdx.x * g;
     rms_group(x + off, delta == nullptr ? nullptr : delta + off, w, g, eps, out + off);
 }

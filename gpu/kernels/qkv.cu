@@ -43,6 +43,8 @@ extern "C" __global__ void qkv_prepare(float* q, const float* k, const float* v,
                                        float clip, const u32* positions, const float* inv_freq,
                                        float scale, int half, const u32* slots, float* kpool,
                                        float* vpool) {
+    pdl_launch_next();
+    pdl_wait();
     extern __shared__ float prep_sh[];
     __shared__ double partial[32];
     const int r = blockIdx.x, which = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;

@@ -2,6 +2,8 @@
 // with cos and sin of inv_freq[i] * position, times `scale`.
 extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq,
                                 float scale, int rows, int cols, int half) {
+    pdl_launch_next();
+    pdl_wait();
     int pairs_per_row = cols / 2;
     long long total = (long long)rows * pairs_per_row;
     for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;

@@ -74,6 +74,8 @@ __device__ void route_row(const float* x, int e, int k, int renorm, u32* out_e, 
 // grid: one 32-thread block per row; shared memory e floats.
 extern "C" __global__ void route(const float* logits, int e, int k, int renorm, u32* experts,
                                  float* weights) {
+    pdl_launch_next();
+    pdl_wait();
     extern __shared__ float probs[];
     const long long r = blockIdx.x;
     route_row(logits + r * e, e, k, renorm, experts + r * k, weights + r * k, probs, nullptr,

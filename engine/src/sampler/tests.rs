@@ -331,3 +331,31 @@ fn a_large_vocabulary_scans_in_parallel_with_the_serial_answer() {
         .to_string();
     assert!(err.contains("90000"), "{err}");
 }
+
+#[test]
+fn the_vectorised_exp_is_within_a_ten_millionth() {
+    let mut worst = 0f64;
+    for i in 0..=870_000 {
+        let x = -(i as f32) * 1e-4;
+        let want = f64::from(x).exp();
+        let got = f64::from(super::exp_nonpositive(x));
+        worst = worst.max((got - want).abs() / want);
+    }
+    assert!(worst < 2e-7, "worst relative error {worst:e}");
+    assert_eq!(super::exp_nonpositive(0.0), 1.0);
+}
+
+#[test]
+fn a_small_vocabulary_scans_with_the_plain_answer() {
+    // OLMoE's vocabulary (the serial path), masked tokens and a tail far below the maximum.
+    let n = 50_304;
+    let mut logits: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 10.0 - 60.0).collect();
+    logits[7] = f32::NEG_INFINITY;
+    logits[50_000] = 41.0;
+    logits[20_000] = 41.0;
+    let t = sampler(SamplingParams::greedy(1)).sample(&logits).unwrap();
+    assert_eq!(t.id, 20_000);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - 41.0).exp()).sum();
+    let want = -sum.ln();
+    assert!((f64::from(t.logprob) - want).abs() < 1e-6, "{} vs {want}", t.logprob);
+}

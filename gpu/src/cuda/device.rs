@@ -8,6 +8,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
+use super::launch::Launch;
 use super::{driver_err, driver_present, CUDA_MAJOR};
 use crate::probe::{GpuError, GpuInfo};
 
@@ -137,6 +138,8 @@ pub struct CudaDevice {
     kernels: Vec<CudaFunction>,
     _module: Arc<CudaModule>,
     info: GpuInfo,
+    /// Kernels launch with programmatic dependent launch (see [`Launch`]).
+    dependent_launch: bool,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -238,8 +241,10 @@ impl CudaDevice {
                     .map_err(|e| driver_err(format!("{name}: kernel {k}"), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        tracing::info!(device = %info, "GPU opened");
+        let dependent_launch = info.compute_capability.0 >= 9;
+        tracing::info!(device = %info, dependent_launch, "GPU opened");
         Ok(Arc::new(CudaDevice {
+            dependent_launch,
             ctx,
             compute,
             copy,
@@ -255,9 +260,13 @@ impl CudaDevice {
         &self.info
     }
 
-    /// A loaded kernel.
-    pub(crate) fn kernel(&self, k: Kernel) -> &CudaFunction {
-        &self.kernels[k as usize]
+    /// A launch of kernel `k` on the compute stream.
+    pub(crate) fn launch(&self, k: Kernel) -> Launch<'_> {
+        Launch::new(
+            &self.kernels[k as usize],
+            &self.compute,
+            self.dependent_launch,
+        )
     }
 
     /// Bytes of device memory free now.

@@ -2,6 +2,7 @@
 
 mod backend;
 mod device;
+mod launch;
 mod memory;
 mod pinned;
 

@@ -1,7 +1,7 @@
 //! The ops that take host-side plans: attention over block tables, the router, and the routed
 //! experts read from their slots.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use tileflow_engine::backend::{
     check, AttentionPlan, BackendError, ExpertBytes, ExpertWork, Routing,
 };
@@ -86,10 +86,7 @@ pub(super) fn attention(
         block_dim: (32 * ATT_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = be
-        .dev
-        .compute
-        .launch_builder(be.dev.kernel(Kernel::Attention));
+    let mut b = be.dev.launch(Kernel::Attention);
     b.arg(&q.data)
         .arg(&pool.k[layer])
         .arg(&pool.v[layer])
@@ -177,7 +174,7 @@ pub(super) fn launch_route(
         block_dim: (32, 1, 1),
         shared_mem_bytes: smem,
     };
-    let mut b = be.dev.compute.launch_builder(be.dev.kernel(Kernel::Route));
+    let mut b = be.dev.launch(Kernel::Route);
     b.arg(&logits.data)
         .arg(&ei)
         .arg(&ki)
@@ -415,7 +412,6 @@ pub(super) fn run_experts(
         && x.cols % 8 == 0
         && inter % 8 == 0
         && total <= COMBINE_MAX;
-    let s = &be.dev.compute;
     let h = x.cols;
     let mut act = be.alloc_act("experts", total, inter)?;
     let (hi, ii, dt) = (
@@ -429,7 +425,7 @@ pub(super) fn run_experts(
     if one_row {
         one_row_gate_up(be, lists, (selected, h, inter), dtype, x, &mut act)?;
         let bf = i32::from(dtype == Dtype::BF16);
-        let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDownCombineOneRow));
+        let mut b = be.dev.launch(Kernel::ExpertsDownCombineOneRow);
         b.arg(&act.data)
             .arg(&hi)
             .arg(&ii)
@@ -465,7 +461,7 @@ pub(super) fn run_experts(
         block_dim: (32 * EXPERT_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsGateUp));
+    let mut b = be.dev.launch(Kernel::ExpertsGateUp);
     b.arg(&xs.data)
         .arg(&hi)
         .arg(&ii)
@@ -489,7 +485,7 @@ pub(super) fn run_experts(
         ),
         ..cfg
     };
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsDown));
+    let mut b = be.dev.launch(Kernel::ExpertsDown);
     b.arg(&act.data)
         .arg(&hi)
         .arg(&ii)
@@ -502,7 +498,7 @@ pub(super) fn run_experts(
     // SAFETY: experts_down: act is total * inter, y total * h, scales total; addresses as above.
     unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::ExpertsCombine));
+    let mut b = be.dev.launch(Kernel::ExpertsCombine);
     b.arg(&mut out.data)
         .arg(&y.data)
         .arg(&lists.row_starts)
@@ -539,10 +535,7 @@ fn one_row_gate_up(
 ) -> Result<(), BackendError> {
     let (hi, ii) = (int("experts", h)?, int("experts", inter)?);
     let bf = i32::from(dtype == Dtype::BF16);
-    let mut b = be
-        .dev
-        .compute
-        .launch_builder(be.dev.kernel(Kernel::ExpertsGateUpOneRow));
+    let mut b = be.dev.launch(Kernel::ExpertsGateUpOneRow);
     b.arg(&x.data)
         .arg(&lists.assign)
         .arg(&hi)

@@ -11,7 +11,7 @@
 use std::ffi::c_void;
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use tileflow_engine::backend::{check, BackendError};
 use tileflow_engine::dtype::Dtype;
 
@@ -86,10 +86,7 @@ pub(super) fn linear(
 /// `out[r] += bias` for every row (shapes checked by the caller).
 fn add_bias(be: &CudaBackend, out: &mut CudaAct, b: &CudaWeight) -> Result<(), BackendError> {
     let (rows, cols) = (int("linear", out.rows)?, int("linear", out.cols)?);
-    let mut l = be
-        .dev
-        .compute
-        .launch_builder(be.dev.kernel(Kernel::AddBias));
+    let mut l = be.dev.launch(Kernel::AddBias);
     l.arg(&mut out.data).arg(&b.data).arg(&rows).arg(&cols);
     // SAFETY: add_bias(x, bias, rows, cols): out is rows * cols, bias cols (checked).
     unsafe { l.launch(elementwise(out.rows * out.cols)) }.map_err(dev_err("linear bias"))?;
@@ -148,7 +145,7 @@ pub(super) fn linears(
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = s.launch_builder(be.dev.kernel(Kernel::GemvOneRow3));
+    let mut l = be.dev.launch(Kernel::GemvOneRow3);
     l.arg(&x.data).arg(&k).arg(&bf);
     for (w, n, out) in &args {
         l.arg(w).arg(n).arg(out);
@@ -185,10 +182,7 @@ fn gemv(
             block_dim: (32 * GEMV_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = be
-            .dev
-            .compute
-            .launch_builder(be.dev.kernel(Kernel::GemvOneRow));
+        let mut l = be.dev.launch(Kernel::GemvOneRow);
         l.arg(&x.data)
             .arg(&k)
             .arg(&w.data)
@@ -207,7 +201,7 @@ fn gemv(
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = be.dev.compute.launch_builder(be.dev.kernel(Kernel::Gemv));
+    let mut l = be.dev.launch(Kernel::Gemv);
     l.arg(&x.data)
         .arg(&m)
         .arg(&k)
@@ -247,7 +241,7 @@ fn gemm(
                 }
             })?;
             let len = (x.rows * x.cols) as i64;
-            let mut l = s.launch_builder(be.dev.kernel(Kernel::ToBf16));
+            let mut l = be.dev.launch(Kernel::ToBf16);
             l.arg(&x.data).arg(&mut buf).arg(&len);
             // SAFETY: to_bf16(x, out, n): both hold n elements.
             unsafe { l.launch(elementwise(x.rows * x.cols)) }.map_err(dev_err("linear"))?;

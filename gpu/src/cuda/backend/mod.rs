@@ -14,7 +14,7 @@ pub use resident::{CudaExpertTable, CudaRoutingLog};
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtrMut, LaunchConfig};
 use tileflow_engine::backend::{
     check, AttentionPlan, Backend, BackendError, ExpertRef, ExpertWork, HostMatrix, QkvPrep,
     Routing,
@@ -374,10 +374,7 @@ impl Backend for CudaBackend {
             int("embed", table.cols)?,
             dtype_code(table.dtype),
         );
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::Embed));
+        let mut b = self.dev.launch(Kernel::Embed);
         b.arg(&table.data)
             .arg(&dt)
             .arg(&d_ids)
@@ -394,10 +391,7 @@ impl Backend for CudaBackend {
         let Some((cfg, g)) = CudaBackend::norm_plan("rms_norm", x, w)? else {
             return Ok(out);
         };
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::RmsNorm));
+        let mut b = self.dev.launch(Kernel::RmsNorm);
         b.arg(&x.data)
             .arg(&w.data)
             .arg(&g)
@@ -420,10 +414,7 @@ impl Backend for CudaBackend {
         let Some((cfg, g)) = CudaBackend::norm_plan("add_rms_norm", x, w)? else {
             return Ok(out);
         };
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::AddRmsNorm));
+        let mut b = self.dev.launch(Kernel::AddRmsNorm);
         b.arg(&mut x.data)
             .arg(&delta.data)
             .arg(&w.data)
@@ -458,10 +449,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::Clamp));
+        let mut b = self.dev.launch(Kernel::Clamp);
         b.arg(&mut x.data).arg(&n).arg(&limit);
         // SAFETY: clamp(x, n, limit) over the n floats of x.
         unsafe { b.launch(elementwise(n as usize)) }.map_err(dev_err("clamp"))?;
@@ -490,7 +478,6 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        let s = &self.dev.compute;
         let pos = self.upload_cached("rope", &u32s("rope", positions)?)?;
         let bits: Vec<u32> = table.inv_freq().iter().map(|f| f.to_bits()).collect();
         let freq = self.upload_cached("rope", &bits)?;
@@ -500,7 +487,7 @@ impl Backend for CudaBackend {
             int("rope", x.cols)?,
             int("rope", half)?,
         );
-        let mut b = s.launch_builder(self.dev.kernel(Kernel::Rope));
+        let mut b = self.dev.launch(Kernel::Rope);
         b.arg(&mut x.data)
             .arg(&*pos)
             .arg(&*freq)
@@ -536,10 +523,7 @@ impl Backend for CudaBackend {
         let d_slots = self.upload_cached("write_kv", &u32s("write_kv", slots)?)?;
         let (n, w) = (int("write_kv", slots.len())?, int("write_kv", width)?);
         let (kp, vp) = (&mut pool.k, &mut pool.v);
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::WriteKv));
+        let mut b = self.dev.launch(Kernel::WriteKv);
         b.arg(&k.data)
             .arg(&v.data)
             .arg(&*d_slots)
@@ -588,10 +572,7 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(out);
         }
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::Swiglu));
+        let mut b = self.dev.launch(Kernel::Swiglu);
         b.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
         // SAFETY: swiglu(gate, up, out, n): all three hold n floats.
         unsafe { b.launch(elementwise(n as usize)) }.map_err(dev_err("swiglu"))?;
@@ -655,10 +636,7 @@ impl Backend for CudaBackend {
         }
         let (rows, cols) = (int("add_gated", out.rows)?, int("add_gated", out.cols)?);
         let n = out.rows * out.cols;
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::AddGated));
+        let mut b = self.dev.launch(Kernel::AddGated);
         b.arg(&mut out.data)
             .arg(&y.data)
             .arg(&gate_logit.data)
@@ -701,10 +679,7 @@ impl CudaBackend {
         out: &mut CudaAct,
     ) -> Result<(), BackendError> {
         let (ni, cols) = (int("gather_rows", n)?, int("gather_rows", x.cols)?);
-        let mut b = self
-            .dev
-            .compute
-            .launch_builder(self.dev.kernel(Kernel::GatherRows));
+        let mut b = self.dev.launch(Kernel::GatherRows);
         b.arg(&x.data)
             .arg(rows)
             .arg(&ni)

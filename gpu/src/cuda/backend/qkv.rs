@@ -1,6 +1,6 @@
 //! A layer's q, k and v made ready for attention in one launch (`qkv_prepare`).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use tileflow_engine::backend::{check, prepare_attention_ops, BackendError, QkvPrep};
 use tileflow_engine::dtype::Dtype;
 
@@ -60,9 +60,8 @@ pub(super) fn prepare_attention(
     let scale = p.rope.scale();
     // A stand-in pointer for an absent norm: the kernel tests for null.
     let null = 0u64;
-    let s = &be.dev.compute;
     let (kp, vp) = (&mut pool.k, &mut pool.v);
-    let mut b = s.launch_builder(be.dev.kernel(Kernel::QkvPrepare));
+    let mut b = be.dev.launch(Kernel::QkvPrepare);
     b.arg(&mut q.data)
         .arg(&k.data)
         .arg(&v.data)

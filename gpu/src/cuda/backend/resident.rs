@@ -3,7 +3,7 @@
 //! kernel through `moe_plan` (kernels/experts.cu) to the expert kernels, and a step never waits
 //! on the host. The decisions are kept in a [`CudaRoutingLog`] and come back once per step.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use tileflow_engine::backend::{check, Backend, BackendError, ExpertBytes, ExpertRef, Routing};
 use tileflow_engine::dtype::Dtype;
 
@@ -233,7 +233,7 @@ pub(super) fn route_experts(
         let (mut row_starts, mut rest) = rest.split_at_mut(rows + 1);
         let (mut row_assign, mut slot_of) = rest.split_at_mut(n);
         let null = 0u64;
-        let mut b = s.launch_builder(be.dev.kernel(Kernel::MoePlan));
+        let mut b = be.dev.launch(Kernel::MoePlan);
         if route_here {
             b.arg(&logits.data);
         } else {
