@@ -167,6 +167,50 @@ extern "C" __global__ void experts_combine(float* out, const float* y, const u32
     }
 }
 
+// moe_plan's lists for one token (n = k <= 32 choices), by one warp: every expert has one
+// assignment, so a valid choice's rank among the valid ones by ascending expert is its entry,
+// its assignment and its place in the row's list; out-of-range choices (a NaN router) come
+// after them as NO_ASSIGN. The same lists the general path builds.
+__device__ void plan_one_row(const u32* experts, const float* weights, int k, int ne, int maxsel,
+                             const u64* table, u64* ptrs, u32* starts, u32* assign,
+                             float* scales, u32* row_starts, u32* row_assign) {
+    const int lane = threadIdx.x & 31;
+    const u32 e = lane < k ? experts[lane] : NO_ASSIGN;
+    const float w = lane < k ? weights[lane] : 0.0f;
+    const bool ok = lane < k && e < (u32)ne;
+    u32 rank = 0, nvalid = 0;
+    for (int j = 0; j < k; j++) {
+        const u32 ej = __shfl_sync(0xffffffffu, e, j);
+        const bool okj = ej < (u32)ne;
+        nvalid += okj;
+        rank += ok ? (okj && ej < e) : (!okj && j < lane);
+    }
+    if (ok) {
+        ptrs[3 * rank] = table[3 * e];
+        ptrs[3 * rank + 1] = table[3 * e + 1];
+        ptrs[3 * rank + 2] = table[3 * e + 2];
+        starts[rank] = rank;
+        assign[rank] = 0;
+        scales[rank] = w;
+        row_assign[rank] = rank;
+    } else if (lane < k) {
+        row_assign[nvalid + rank] = NO_ASSIGN;
+    }
+    for (int s = nvalid + lane; s < maxsel; s += 32) {
+        ptrs[3 * s] = ptrs[3 * s + 1] = ptrs[3 * s + 2] = 0;
+        starts[s] = nvalid;
+    }
+    for (int a = nvalid + lane; a < k; a += 32) {
+        assign[a] = 0;
+        scales[a] = 0.0f;
+    }
+    if (lane == 0) {
+        starts[maxsel] = nvalid;
+        row_starts[0] = 0;
+        row_starts[1] = (u32)k;
+    }
+}
+
 // The routed experts' work lists built on the device from the router's decision, so a step
 // whose experts are all resident never waits for the host: the same lists `experts()` builds
 // on the host, for the three kernels above. One block.
@@ -178,7 +222,8 @@ extern "C" __global__ void experts_combine(float* out, const float* y, const u32
 // assignment (grouped by ascending expert, ascending row within one), row_starts / row_assign
 // per row (k each, ascending expert); slot_of: scratch, n entries. An expert index outside the
 // layer (only a NaN router gives one) gets no assignment; the host sees it when it reads the
-// routing back after the step, and fails the step.
+// routing back after the step, and fails the step. One token routed here (k <= 32) takes
+// plan_one_row: warp 0 alone, no block-wide phases.
 //
 // Shared memory: 3 * ne u32, then with `staged` the choices, their weights and their slots
 // (3 * n u32), then with `logits` (8 * ne floats) the routers' probabilities.
@@ -215,6 +260,14 @@ extern "C" __global__ void moe_plan(const float* logits, int renorm, u32* expert
             rest[t] = experts[t];
             rest[n + t] = __float_as_uint(weights[t]);
         }
+    }
+    if (logits != nullptr && rows == 1 && k <= 32) {
+        // One token, routed above by warp 0, whose lanes read back their own choices.
+        if (tid < 32) {
+            plan_one_row(experts, weights, k, ne, maxsel, table, ptrs, starts, assign, scales,
+                         row_starts, row_assign);
+        }
+        return;
     }
     __syncthreads();
     for (int e = tid; e < ne; e += nt) {

@@ -349,7 +349,9 @@ fn the_vectorised_exp_is_within_a_ten_millionth() {
 fn a_small_vocabulary_scans_with_the_plain_answer() {
     // OLMoE's vocabulary (the serial path), masked tokens and a tail far below the maximum.
     let n = 50_304;
-    let mut logits: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 10.0 - 60.0).collect();
+    let mut logits: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 10.0 - 60.0)
+        .collect();
     logits[7] = f32::NEG_INFINITY;
     logits[50_000] = 41.0;
     logits[20_000] = 41.0;
@@ -357,5 +359,9 @@ fn a_small_vocabulary_scans_with_the_plain_answer() {
     assert_eq!(t.id, 20_000);
     let sum: f64 = logits.iter().map(|&x| f64::from(x - 41.0).exp()).sum();
     let want = -sum.ln();
-    assert!((f64::from(t.logprob) - want).abs() < 1e-6, "{} vs {want}", t.logprob);
+    assert!(
+        (f64::from(t.logprob) - want).abs() < 1e-6,
+        "{} vs {want}",
+        t.logprob
+    );
 }
