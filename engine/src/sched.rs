@@ -8,9 +8,13 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use crate::backend::Backend;
 use crate::forward::{EngineError, ExpertProvider, LogitRows, ModelRunner, SeqChunk};
-use crate::sampler::{FinishReason, Sampler, SamplerError, SamplingParams, StopChecker};
+use crate::sampler::{
+    FinishReason, SampledToken, Sampler, SamplerError, SamplingParams, StopChecker,
+};
 use crate::tokenizer::{DecodeStream, TextTokenizer, TokenizerError};
 
 /// Why a job was refused at submission.
@@ -489,15 +493,34 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
     }
 
     /// Advances the jobs of a step that ran: samples and emits their tokens, ends those done.
+    /// Each job's sampler owns its random stream, so the rows of a batch are sampled side by
+    /// side on rayon's pool (same tokens as one after another); tokens are emitted in plan
+    /// order.
     fn emit_step(&mut self, plan: &[Planned], logits: &[Vec<f32>], report: &mut StepReport) {
-        let mut finished = Vec::new();
+        let mut rows: Vec<Option<&[f32]>> = vec![None; self.running.len()];
         for (&(i, _, end, wants), row) in plan.iter().zip(logits) {
-            let job = &mut self.running[i];
-            job.cached = end;
-            if !wants {
-                continue;
+            self.running[i].cached = end;
+            if wants {
+                rows[i] = Some(row);
             }
-            match emit_next(job, row) {
+        }
+        let mut samplers: Vec<&mut Sampler> =
+            self.running.iter_mut().map(|j| &mut j.sampler).collect();
+        let sample = |(s, row): (&mut &mut Sampler, &Option<&[f32]>)| row.map(|r| s.sample(r));
+        let sampled: Vec<Option<Result<SampledToken, SamplerError>>> =
+            if rows.iter().flatten().count() > 1 {
+                samplers.par_iter_mut().zip(&rows).map(sample).collect()
+            } else {
+                samplers.iter_mut().zip(&rows).map(sample).collect()
+            };
+        let mut finished = Vec::new();
+        for (i, t) in sampled.into_iter().enumerate() {
+            let Some(t) = t else { continue };
+            let job = &mut self.running[i];
+            match t
+                .map_err(|e| ("sampler_error", e.to_string()))
+                .and_then(|t| emit_next(job, t))
+            {
                 Ok(done) => {
                     report.generated += 1;
                     if done {
@@ -553,13 +576,9 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
 /// A chunk of a step: (job index, start, end, wants logits).
 type Planned = (usize, usize, usize, bool);
 
-/// Samples the next token of `job` from `logits`, emits it, and says whether the job is done
-/// (finished, or its client went away).
-fn emit_next(job: &mut Job, logits: &[f32]) -> Result<bool, (&'static str, String)> {
-    let t = job
-        .sampler
-        .sample(logits)
-        .map_err(|e| ("sampler_error", e.to_string()))?;
+/// Emits `t`, the next token of `job`, and says whether the job is done (finished, or its
+/// client went away).
+fn emit_next(job: &mut Job, t: SampledToken) -> Result<bool, (&'static str, String)> {
     job.tokens.push(t.id);
     job.generated += 1;
     let tok_err = |e: TokenizerError| ("tokenizer_error", e.to_string());
