@@ -184,7 +184,21 @@ impl Sampler {
     /// Chooses the next token from one position's logits (one per vocabulary entry; −∞ masks
     /// a token).
     pub fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, SamplerError> {
-        let stats = LogitStats::scan(logits)?;
+        self.sample_with(logits, None)
+    }
+
+    /// [`Sampler::sample`] with the row's summary when the backend computed it (it must be
+    /// `LogitSummary::scan` of these logits, up to rounding in the sum); scanned here when
+    /// `None`.
+    pub fn sample_with(
+        &mut self,
+        logits: &[f32],
+        summary: Option<&LogitSummary>,
+    ) -> Result<SampledToken, SamplerError> {
+        let stats = match summary {
+            Some(s) if (s.argmax as usize) < logits.len() => *s,
+            _ => LogitSummary::scan(logits)?,
+        };
         let id = if self.params.is_greedy() {
             stats.argmax
         } else {
@@ -206,7 +220,7 @@ impl Sampler {
     }
 
     /// Temperature, then top-k, then top-p, then a draw from what is left.
-    fn draw(&mut self, logits: &[f32], stats: &LogitStats) -> u32 {
+    fn draw(&mut self, logits: &[f32], stats: &LogitSummary) -> u32 {
         // Relative weights after temperature, the most likely token weighing 1; computed once
         // per step (f32 exp, f64 sums) because every stage below reads them.
         let inv_t = 1.0 / self.params.temperature;
@@ -323,22 +337,29 @@ fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
     top
 }
 
-/// What one pass over the logits tells: the argmax and the log-partition function.
-struct LogitStats {
-    argmax: u32,
-    max: f32,
+/// What one pass over a row of logits tells: the argmax and the log-partition function. The
+/// sampler scans for it ([`LogitSummary::scan`]) unless the backend that made the logits
+/// already did ([`Sampler::sample_with`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogitSummary {
+    /// The first index of the largest logit.
+    pub argmax: u32,
+    /// The largest logit.
+    pub max: f32,
     /// log Σ exp(logit): terms taken relative to the max (no overflow), summed in f64.
-    log_sum_exp: f64,
+    pub log_sum_exp: f64,
 }
 
-/// Vocabularies from which [`LogitStats::scan`] spreads over threads: below, one core's
+/// Vocabularies from which [`LogitSummary::scan`] spreads over threads: below, one core's
 /// vectorised passes (~80 µs for 50k logits) beat waking the pool twice a token.
 const PARALLEL_SCAN: usize = 128 * 1024;
 /// Logits per thread's share of a parallel scan.
 const SCAN_CHUNK: usize = 8 * 1024;
 
-impl LogitStats {
-    fn scan(logits: &[f32]) -> Result<Self, SamplerError> {
+impl LogitSummary {
+    /// The summary of `logits`, or the error a bad row gets: empty, too long, a NaN or +∞
+    /// (the first named), or every token masked.
+    pub fn scan(logits: &[f32]) -> Result<Self, SamplerError> {
         if logits.is_empty() {
             return Err(SamplerError::EmptyLogits);
         }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::backend::Backend;
 use crate::forward::{EngineError, ExpertProvider, LogitRows, ModelRunner, SeqChunk};
 use crate::sampler::{
-    FinishReason, SampledToken, Sampler, SamplerError, SamplingParams, StopChecker,
+    FinishReason, LogitSummary, SampledToken, Sampler, SamplerError, SamplingParams, StopChecker,
 };
 use crate::tokenizer::{DecodeStream, TextTokenizer, TokenizerError};
 
@@ -497,16 +497,19 @@ impl<B: Backend, P: ExpertProvider> Scheduler<B, P> {
     /// side on rayon's pool (same tokens as one after another); tokens are emitted in plan
     /// order.
     fn emit_step(&mut self, plan: &[Planned], logits: &[Vec<f32>], report: &mut StepReport) {
-        let mut rows: Vec<Option<&[f32]>> = vec![None; self.running.len()];
-        for (&(i, _, end, wants), row) in plan.iter().zip(logits) {
+        type Row<'a> = (&'a [f32], Option<&'a LogitSummary>);
+        let mut rows: Vec<Option<Row<'_>>> = vec![None; self.running.len()];
+        let summaries = self.runner.logit_summaries();
+        for (c, (&(i, _, end, wants), row)) in plan.iter().zip(logits).enumerate() {
             self.running[i].cached = end;
             if wants {
-                rows[i] = Some(row);
+                rows[i] = Some((row, summaries.get(c).and_then(Option::as_ref)));
             }
         }
         let mut samplers: Vec<&mut Sampler> =
             self.running.iter_mut().map(|j| &mut j.sampler).collect();
-        let sample = |(s, row): (&mut &mut Sampler, &Option<&[f32]>)| row.map(|r| s.sample(r));
+        let sample =
+            |(s, row): (&mut &mut Sampler, &Option<Row<'_>>)| row.map(|(r, m)| s.sample_with(r, m));
         let sampled: Vec<Option<Result<SampledToken, SamplerError>>> =
             if rows.iter().flatten().count() > 1 {
                 samplers.par_iter_mut().zip(&rows).map(sample).collect()

@@ -16,6 +16,7 @@ use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
 use tileflow_engine::pack::ProjectionExtent;
 use tileflow_engine::rope::{RopeScaling, RopeSpec};
+use tileflow_engine::sampler::LogitSummary;
 use tileflow_engine::tier::TierMemory;
 use tileflow_gpu::{CudaBackend, CudaDevice, CudaTierMemory};
 use tileflow_spdk::DmaArena;
@@ -754,4 +755,44 @@ fn fused_linears_match_one_by_one() {
                 .is_err());
         }
     }
+}
+
+/// The logits' summary on the device against the sampler's own scan: argmax (the first of
+/// equal maxima), maximum, log-sum-exp; rows the sampler would refuse (a NaN, +∞, every token
+/// masked) get none.
+#[test]
+fn logit_summaries_match_the_samplers_scan() {
+    let Some((_, gpu)) = backends(Dtype::BF16) else {
+        return;
+    };
+    let mut rng = Rng(12);
+    let vocab = 50_304;
+    let mut m = rng.matrix(6, vocab, 8.0);
+    m.row_mut(1)[777] = 20.0;
+    m.row_mut(1)[40_000] = 20.0;
+    m.row_mut(2)[..30_000].fill(f32::NEG_INFINITY);
+    m.row_mut(3)[123] = f32::NAN;
+    m.row_mut(4)[9] = f32::INFINITY;
+    m.row_mut(5).fill(f32::NEG_INFINITY);
+    let got = gpu
+        .logit_summaries(&gpu.upload_act(m.clone()).unwrap())
+        .unwrap()
+        .expect("the CUDA backend summarises logits");
+    assert_eq!(got.len(), 6);
+    for (r, g) in got.iter().enumerate() {
+        match LogitSummary::scan(m.row(r)) {
+            Ok(want) => {
+                let g = g.unwrap_or_else(|| panic!("row {r}: no summary"));
+                assert_eq!((g.argmax, g.max), (want.argmax, want.max), "row {r}");
+                assert!(
+                    (g.log_sum_exp - want.log_sum_exp).abs() < 1e-6,
+                    "row {r}: {} vs {}",
+                    g.log_sum_exp,
+                    want.log_sum_exp
+                );
+            }
+            Err(_) => assert!(g.is_none(), "row {r}: {g:?}"),
+        }
+    }
+    assert_eq!(got[1].unwrap().argmax, 777);
 }

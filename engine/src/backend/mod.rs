@@ -15,6 +15,7 @@ use crate::dtype::Dtype;
 use crate::kv::KvLayout;
 use crate::pack::ProjectionExtent;
 use crate::rope::RopeTable;
+use crate::sampler::LogitSummary;
 
 /// Why a backend op failed.
 #[derive(Debug, thiserror::Error)]
@@ -495,6 +496,17 @@ pub trait Backend: std::fmt::Debug {
     fn read_routing_log(&self, log: &Self::RoutingLog) -> Result<Vec<Routing>, BackendError> {
         let _ = log;
         Err(no_device_routing("read_routing_log"))
+    }
+
+    /// Per row of `logits`, its [`LogitSummary`] (argmax and log-sum-exp) where the backend
+    /// computes it beside the logits (`None` for a row with a NaN, +∞ or nothing unmasked: the
+    /// sampler's own scan names those); `None`, the default, leaves the scan to the sampler.
+    fn logit_summaries(
+        &self,
+        logits: &Self::Act,
+    ) -> Result<Option<Vec<Option<LogitSummary>>>, BackendError> {
+        let _ = logits;
+        Ok(None)
     }
 
     /// `out += sigmoid(gate_logit) * y`, with `gate_logit` one column per row.

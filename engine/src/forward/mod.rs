@@ -24,6 +24,7 @@ pub use prefetch::{PredictionCounts, PrefetchStats};
 use crate::backend::{AttentionPlan, Backend, ChunkAttention, HostMatrix};
 use crate::kv::{KvLayout, PagedKvCache, SeqId};
 use crate::rope::RopeTable;
+use crate::sampler::LogitSummary;
 use crate::spec::ModelSpec;
 use crate::weights::{DenseWeights, MlpWeights, TensorLoader};
 
@@ -98,6 +99,9 @@ pub struct ModelRunner<B: Backend, P> {
     /// expert is resident: `None` until then (or since residency ended), empty when the
     /// backend routes on the host anyway.
     tables: Option<Vec<Option<B::ExpertTable>>>,
+    /// Per chunk of the last step, its logits' summary when the backend computed it and the
+    /// chunk asked for one row (see [`ModelRunner::logit_summaries`]).
+    summaries: Vec<Option<LogitSummary>>,
 }
 
 /// The per-step layout of the batch: flattened tokens and where each chunk lies.
@@ -153,6 +157,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             kv,
             pool,
             tables: None,
+            summaries: Vec::new(),
         })
     }
 
@@ -255,13 +260,27 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             .map(|c| (c.seq, c.start_pos + c.tokens.len()))
             .collect();
         self.kv.resize(&resize)?;
-        let result = self.run(batch);
-        if result.is_err() {
-            let rewind: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, c.start_pos)).collect();
-            // Shrinking only gives blocks back, so this cannot fail.
-            let _ = self.kv.resize(&rewind);
+        self.summaries.clear();
+        match self.run(batch) {
+            Ok((logits, summaries)) => {
+                self.summaries = summaries;
+                Ok(logits)
+            }
+            Err(e) => {
+                let rewind: Vec<(SeqId, usize)> =
+                    batch.iter().map(|c| (c.seq, c.start_pos)).collect();
+                // Shrinking only gives blocks back, so this cannot fail.
+                let _ = self.kv.resize(&rewind);
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// Per chunk of the last successful step, the summary of its logits (argmax and
+    /// log-sum-exp, for [`crate::sampler::Sampler::sample_with`]) when the backend computed
+    /// it and the chunk asked for one row; empty after a failed step.
+    pub fn logit_summaries(&self) -> &[Option<LogitSummary>] {
+        &self.summaries
     }
 
     fn validate(&self, batch: &[SeqChunk<'_>]) -> Result<(), EngineError> {
@@ -363,7 +382,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
         Ok(())
     }
 
-    fn run(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn run(&mut self, batch: &[SeqChunk<'_>]) -> Result<ChunkLogits, EngineError> {
         let mut step = self.layout(batch)?;
         self.refresh_tables()?;
         let ModelRunner {
@@ -504,13 +523,14 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
         Ok(())
     }
 
-    /// The logits each chunk asked for, from the final-normed hidden state.
+    /// The logits each chunk asked for, from the final-normed hidden state, and per chunk the
+    /// backend's summary of them when it made one and the chunk asked for one row.
     fn logits(
         &self,
         batch: &[SeqChunk<'_>],
         step: &StepLayout,
         h: &B::Act,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    ) -> Result<ChunkLogits, EngineError> {
         let mut rows = Vec::new();
         let mut counts = Vec::with_capacity(batch.len());
         for (c, ch) in batch.iter().zip(&step.plan.chunks) {
@@ -523,21 +543,32 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             counts.push(rows.len() - before);
         }
         if rows.is_empty() {
-            return Ok(vec![Vec::new(); batch.len()]);
+            return Ok((vec![Vec::new(); batch.len()], vec![None; batch.len()]));
         }
         let b = &self.backend;
         let sel = b.gather_rows(h, &rows).map_err(EngineError::op("logits"))?;
         let logits = b
             .linear(&sel, self.weights.output_projection(), None)
             .map_err(EngineError::op("logits"))?;
+        let row_sums = b
+            .logit_summaries(&logits)
+            .map_err(EngineError::op("logits"))?;
         let host = b.download(&logits).map_err(EngineError::op("logits"))?;
         let vocab = host.cols;
         let mut out = Vec::with_capacity(batch.len());
+        let mut sums = Vec::with_capacity(batch.len());
         let mut at = 0;
         for n in counts {
             out.push(host.data[at * vocab..(at + n) * vocab].to_vec());
+            sums.push(match &row_sums {
+                Some(r) if n == 1 => r.get(at).copied().flatten(),
+                _ => None,
+            });
             at += n;
         }
-        Ok(out)
+        Ok((out, sums))
     }
 }
+
+/// Per chunk, its logits and the backend's summary of them (see [`ModelRunner::logits`]).
+type ChunkLogits = (Vec<Vec<f32>>, Vec<Option<LogitSummary>>);

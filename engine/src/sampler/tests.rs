@@ -365,3 +365,32 @@ fn a_small_vocabulary_scans_with_the_plain_answer() {
         t.logprob
     );
 }
+
+#[test]
+fn a_summary_from_the_backend_stands_in_for_the_scan() {
+    let logits: Vec<f32> = (0..1000)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
+    let summary = LogitSummary::scan(&logits).unwrap();
+    let plain = sampler(SamplingParams::greedy(1)).sample(&logits).unwrap();
+    let given = sampler(SamplingParams::greedy(1))
+        .sample_with(&logits, Some(&summary))
+        .unwrap();
+    assert_eq!(plain, given);
+    let drawn = |s: Option<&LogitSummary>| {
+        let mut s0 = seeded(0.8, 50, 0.9, 5);
+        (0..20)
+            .map(|_| s0.sample_with(&logits, s).unwrap().id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(drawn(None), drawn(Some(&summary)));
+    // A summary that cannot be this row's (argmax past the end) is ignored.
+    let wrong = LogitSummary {
+        argmax: 5000,
+        ..summary
+    };
+    let t = sampler(SamplingParams::greedy(1))
+        .sample_with(&logits, Some(&wrong))
+        .unwrap();
+    assert_eq!(t, plain);
+}

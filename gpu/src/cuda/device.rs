@@ -24,6 +24,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("route.cu", include_str!("../../kernels/route.cu")),
     ("qkv.cu", include_str!("../../kernels/qkv.cu")),
+    ("logits.cu", include_str!("../../kernels/logits.cu")),
     ("gemv.cu", include_str!("../../kernels/gemv.cu")),
     ("experts.cu", include_str!("../../kernels/experts.cu")),
 ];
@@ -54,11 +55,12 @@ pub(crate) enum Kernel {
     GemvOneRow3,
     QkvPrepare,
     ExpertsDownCombineOneRow,
+    LogitSummary,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 23] = [
+    pub(crate) const ALL: [Kernel; 24] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -82,6 +84,7 @@ impl Kernel {
         Kernel::GemvOneRow3,
         Kernel::QkvPrepare,
         Kernel::ExpertsDownCombineOneRow,
+        Kernel::LogitSummary,
     ];
 
     /// The `extern "C"` name in `gpu/kernels/`.
@@ -110,6 +113,7 @@ impl Kernel {
             Kernel::GemvOneRow3 => "gemv_one_row3",
             Kernel::QkvPrepare => "qkv_prepare",
             Kernel::ExpertsDownCombineOneRow => "experts_down_combine_one_row",
+            Kernel::LogitSummary => "logit_summary",
         }
     }
 }

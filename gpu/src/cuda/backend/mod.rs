@@ -22,6 +22,7 @@ use tileflow_engine::backend::{
 use tileflow_engine::dtype::Dtype;
 use tileflow_engine::kv::KvLayout;
 use tileflow_engine::rope::RopeTable;
+use tileflow_engine::sampler::LogitSummary;
 
 use super::device::Kernel;
 use super::CudaDevice;
@@ -618,6 +619,44 @@ impl Backend for CudaBackend {
 
     fn read_routing_log(&self, log: &CudaRoutingLog) -> Result<Vec<Routing>, BackendError> {
         resident::read_routing_log(self, log)
+    }
+
+    fn logit_summaries(
+        &self,
+        logits: &CudaAct,
+    ) -> Result<Option<Vec<Option<LogitSummary>>>, BackendError> {
+        const OP: &str = "logit_summaries";
+        if logits.rows == 0 || logits.cols == 0 {
+            return Ok(None);
+        }
+        let rows = u32::try_from(logits.rows).map_err(|_| shape_err(OP, "too many rows".into()))?;
+        let vocab = int(OP, logits.cols)?;
+        let s = &self.dev.compute;
+        // SAFETY: f64 (any bit pattern valid); the kernel writes every row's fourth value and,
+        // where that is 0, the other three, which are the only ones read.
+        let mut out = unsafe { s.alloc::<f64>(4 * logits.rows) }.map_err(dev_err(OP))?;
+        let mut b = self.dev.launch(Kernel::LogitSummary);
+        b.arg(&logits.data).arg(&vocab).arg(&mut out);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: logit_summary(logits, vocab, out): logits is rows * vocab floats, out 4 * rows.
+        unsafe { b.launch(cfg) }.map_err(dev_err(OP))?;
+        let host = s.clone_dtoh(&out).map_err(dev_err(OP))?;
+        s.synchronize().map_err(dev_err(OP))?;
+        Ok(Some(
+            host.chunks_exact(4)
+                .map(|r| {
+                    (r[3] == 0.0).then(|| LogitSummary {
+                        argmax: r[0] as u32,
+                        max: r[1] as f32,
+                        log_sum_exp: r[2],
+                    })
+                })
+                .collect(),
+        ))
     }
 
     fn add_gated(
