@@ -167,6 +167,23 @@ extern "C" __global__ void experts_combine(float* out, const float* y, const u32
     }
 }
 
+// Where choice `lane` of a row's k (k <= 32, one per lane; e its expert, NO_ASSIGN past k)
+// goes in the row's list: valid choices (e < ne) by ascending expert (a router picks an expert
+// once per row), then the out-of-range ones in their order. `nvalid` gets the valid count.
+__device__ __forceinline__ u32 rank_choice(u32 e, int k, int ne, u32& nvalid) {
+    const int lane = threadIdx.x & 31;
+    const bool ok = lane < k && e < (u32)ne;
+    u32 rank = 0;
+    nvalid = 0;
+    for (int j = 0; j < k; j++) {
+        const u32 ej = __shfl_sync(0xffffffffu, e, j);
+        const bool okj = ej < (u32)ne;
+        nvalid += okj;
+        rank += ok ? (okj && ej < e) : (!okj && j < lane);
+    }
+    return ok ? rank : nvalid + rank;
+}
+
 // moe_plan's lists for one token (n = k <= 32 choices), by one warp: every expert has one
 // assignment, so a valid choice's rank among the valid ones by ascending expert is its entry,
 // its assignment and its place in the row's list; out-of-range choices (a NaN router) come
@@ -178,13 +195,8 @@ __device__ void plan_one_row(const u32* experts, const float* weights, int k, in
     const u32 e = lane < k ? experts[lane] : NO_ASSIGN;
     const float w = lane < k ? weights[lane] : 0.0f;
     const bool ok = lane < k && e < (u32)ne;
-    u32 rank = 0, nvalid = 0;
-    for (int j = 0; j < k; j++) {
-        const u32 ej = __shfl_sync(0xffffffffu, e, j);
-        const bool okj = ej < (u32)ne;
-        nvalid += okj;
-        rank += ok ? (okj && ej < e) : (!okj && j < lane);
-    }
+    u32 nvalid;
+    const u32 rank = rank_choice(e, k, ne, nvalid);
     if (ok) {
         ptrs[3 * rank] = table[3 * e];
         ptrs[3 * rank + 1] = table[3 * e + 1];
@@ -194,7 +206,7 @@ __device__ void plan_one_row(const u32* experts, const float* weights, int k, in
         scales[rank] = w;
         row_assign[rank] = rank;
     } else if (lane < k) {
-        row_assign[nvalid + rank] = NO_ASSIGN;
+        row_assign[rank] = NO_ASSIGN;
     }
     for (int s = nvalid + lane; s < maxsel; s += 32) {
         ptrs[3 * s] = ptrs[3 * s + 1] = ptrs[3 * s + 2] = 0;
@@ -347,17 +359,9 @@ extern "C" __global__ void moe_plan(const float* logits, int renorm, u32* expert
             const long long base = (long long)r * k;
             const u32 e = lane < k ? ex[base + lane] : NO_ASSIGN;
             const bool ok = lane < k && e < (u32)ne;
-            u32 rank = 0, nvalid = 0;
-            for (int j = 0; j < k; j++) {
-                const u32 ej = __shfl_sync(0xffffffffu, e, j);
-                const bool okj = ej < (u32)ne;
-                nvalid += okj;
-                rank += ok ? (okj && ej < e) : (!okj && j < lane);
-            }
-            if (lane < k) {
-                if (!ok) rank += nvalid;
-                row_assign[base + rank] = ok ? slot_of[base + lane] : NO_ASSIGN;
-            }
+            u32 nvalid;
+            const u32 rank = rank_choice(e, k, ne, nvalid);
+            if (lane < k) row_assign[base + rank] = ok ? slot_of[base + lane] : NO_ASSIGN;
             if (lane == 0) row_starts[r] = (u32)base;
             if (lane == 0 && r == rows - 1) row_starts[rows] = (u32)(base + k);
         }

@@ -142,8 +142,6 @@ pub struct CudaDevice {
     kernels: Vec<CudaFunction>,
     _module: Arc<CudaModule>,
     info: GpuInfo,
-    /// Kernels launch with programmatic dependent launch (see [`Launch`]).
-    dependent_launch: bool,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -245,10 +243,8 @@ impl CudaDevice {
                     .map_err(|e| driver_err(format!("{name}: kernel {k}"), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let dependent_launch = info.compute_capability.0 >= 9;
-        tracing::info!(device = %info, dependent_launch, "GPU opened");
+        tracing::info!(device = %info, "GPU opened");
         Ok(Arc::new(CudaDevice {
-            dependent_launch,
             ctx,
             compute,
             copy,
@@ -264,13 +260,11 @@ impl CudaDevice {
         &self.info
     }
 
-    /// A launch of kernel `k` on the compute stream.
+    /// A launch of kernel `k` on the compute stream, with programmatic dependent launch where
+    /// the GPU has it (compute capability 9.0 on; see [`Launch`]).
     pub(crate) fn launch(&self, k: Kernel) -> Launch<'_> {
-        Launch::new(
-            &self.kernels[k as usize],
-            &self.compute,
-            self.dependent_launch,
-        )
+        let dependent = self.info.compute_capability.0 >= 9;
+        Launch::new(&self.kernels[k as usize], &self.compute, dependent)
     }
 
     /// Bytes of device memory free now.

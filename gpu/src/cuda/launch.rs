@@ -14,12 +14,18 @@ use cudarc::driver::{
     DriverError, LaunchConfig,
 };
 
+/// Most parameters a kernel of ours takes (`qkv_prepare` has 19), held inline so a launch
+/// allocates nothing.
+const MAX_PARAMS: usize = 24;
+
 /// One kernel launch being built: its arguments, each held as the bytes the kernel reads.
 pub(crate) struct Launch<'a> {
     func: &'a CudaFunction,
     stream: &'a CudaStream,
     dependent: bool,
-    words: Vec<u64>,
+    words: [u64; MAX_PARAMS],
+    /// Parameters given so far (more than MAX_PARAMS fails the launch).
+    count: usize,
 }
 
 impl<'a> Launch<'a> {
@@ -29,14 +35,18 @@ impl<'a> Launch<'a> {
             func,
             stream,
             dependent,
-            words: Vec::with_capacity(24),
+            words: [0; MAX_PARAMS],
+            count: 0,
         }
     }
 
     /// Appends the next kernel parameter.
     pub(crate) fn arg<A: KernelArg>(&mut self, a: A) -> &mut Self {
         let w = a.word(self.stream);
-        self.words.push(w);
+        if let Some(slot) = self.words.get_mut(self.count) {
+            *slot = w;
+        }
+        self.count += 1;
         self
     }
 
@@ -48,11 +58,13 @@ impl<'a> Launch<'a> {
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
         // Each parameter is read from its own 8-byte word: a pointer or 64-bit value whole,
         // a 32-bit value from the word's low four bytes (x86-64 and aarch64 are little-endian).
-        let mut params: Vec<*mut c_void> = self
-            .words
-            .iter_mut()
-            .map(|w| (w as *mut u64).cast())
-            .collect();
+        if self.count > MAX_PARAMS {
+            return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE));
+        }
+        let mut params = [std::ptr::null_mut::<c_void>(); MAX_PARAMS];
+        for (p, w) in params.iter_mut().zip(&mut self.words) {
+            *p = (w as *mut u64).cast();
+        }
         // SAFETY: an all-zero attribute value is valid for every member of the union.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

@@ -9,7 +9,8 @@ use tileflow_engine::dtype::Dtype;
 use tileflow_engine::pack::ProjectionExtent;
 
 use super::{
-    dev_err, dtype_code, elementwise, int, shape_err, split_k, CudaAct, CudaBackend, CudaKvPool,
+    dev_err, dtype_code, elementwise, grid_dim, int, shape_err, split_k, CudaAct, CudaBackend,
+    CudaKvPool,
 };
 use crate::cuda::device::Kernel;
 
@@ -420,8 +421,6 @@ pub(super) fn run_experts(
         dtype_code(dtype),
     );
     let (rows, fresh) = (int("experts", x.rows)?, i32::from(fresh));
-    let n_exp =
-        u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
     if one_row {
         one_row_gate_up(be, lists, (selected, h, inter), dtype, x, &mut act)?;
         let bf = i32::from(dtype == Dtype::BF16);
@@ -436,11 +435,8 @@ pub(super) fn run_experts(
             .arg(&lists.row_assign)
             .arg(&mut out.data)
             .arg(&fresh);
-        let cfg = LaunchConfig {
-            grid_dim: ((h as u32).div_ceil(2), 1, 1),
-            block_dim: (32 * EXPERT_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        // Two columns per block, all the row's experts in it.
+        let cfg = expert_cfg(h, 2, 1)?;
         // SAFETY: experts_down_combine_one_row: one row, whose CSR list holds its `total` <=
         // COMBINE_MAX assignments (or NO_ASSIGN), each its expert's only one, so assignment a
         // is entry a of ptrs (< selected) and row a of act (total * inter); out is h floats;
@@ -452,15 +448,7 @@ pub(super) fn run_experts(
     let mut xs = be.alloc_act("experts", total, h)?;
     be.gather(x, &lists.assign, total, &mut xs)?;
     let split_up = split_k(h, inter * selected);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (inter as u32).div_ceil(EXPERT_WARPS / split_up as u32),
-            n_exp,
-            1,
-        ),
-        block_dim: (32 * EXPERT_WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = expert_cfg(inter, EXPERT_WARPS / split_up as u32, selected)?;
     let mut b = be.dev.launch(Kernel::ExpertsGateUp);
     b.arg(&xs.data)
         .arg(&hi)
@@ -477,14 +465,7 @@ pub(super) fn run_experts(
     unsafe { b.launch(cfg) }.map_err(dev_err("experts"))?;
 
     let split_down = split_k(inter, h * selected);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (h as u32).div_ceil(EXPERT_WARPS / split_down as u32),
-            n_exp,
-            1,
-        ),
-        ..cfg
-    };
+    let cfg = expert_cfg(h, EXPERT_WARPS / split_down as u32, selected)?;
     let mut b = be.dev.launch(Kernel::ExpertsDown);
     b.arg(&act.data)
         .arg(&hi)
@@ -512,12 +493,23 @@ pub(super) fn run_experts(
     Ok(())
 }
 
-/// The launch of a one-token kernel over `columns` output columns of `selected` experts.
-fn one_row_cfg(columns: usize, selected: usize) -> Result<LaunchConfig, BackendError> {
-    let n_exp =
-        u32::try_from(selected).map_err(|_| shape_err("experts", "too many experts".into()))?;
+/// The launch of an expert kernel over `columns` output columns, `per_block` of them per block
+/// of EXPERT_WARPS warps, for each of `selected` experts.
+fn expert_cfg(
+    columns: usize,
+    per_block: u32,
+    selected: usize,
+) -> Result<LaunchConfig, BackendError> {
     Ok(LaunchConfig {
-        grid_dim: ((columns as u32).div_ceil(EXPERT_WARPS), n_exp, 1),
+        grid_dim: (
+            grid_dim(
+                "experts",
+                columns.div_ceil(per_block as usize),
+                "blocks of columns",
+            )?,
+            grid_dim("experts", selected, "selected experts")?,
+            1,
+        ),
         block_dim: (32 * EXPERT_WARPS, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -547,7 +539,7 @@ fn one_row_gate_up(
     // SAFETY: experts_gate_up_one_row: as experts_gate_up, reading x (rows * h) at the rows
     // `assign` names (< rows), with at most one assignment per expert (one token), 16-bit
     // weights at 16-byte aligned addresses and h % 8 == 0.
-    unsafe { b.launch(one_row_cfg(inter, selected)?) }
+    unsafe { b.launch(expert_cfg(inter, EXPERT_WARPS, selected)?) }
         .map_err(dev_err("experts"))
         .map(drop)
 }

@@ -16,7 +16,8 @@ use tileflow_engine::backend::{check, BackendError};
 use tileflow_engine::dtype::Dtype;
 
 use super::{
-    dev_err, dtype_code, elementwise, int, shape_err, split_k, CudaAct, CudaBackend, CudaWeight,
+    dev_err, dtype_code, elementwise, grid_dim, int, shape_err, split_k, CudaAct, CudaBackend,
+    CudaWeight,
 };
 use crate::cuda::device::Kernel;
 
@@ -137,8 +138,11 @@ pub(super) fn linears(
     );
     let cfg = LaunchConfig {
         grid_dim: (
-            u32::try_from(columns.div_ceil(GEMV_WARPS as usize))
-                .map_err(|_| shape_err("linear", "too many columns".into()))?,
+            grid_dim(
+                "linear",
+                columns.div_ceil(GEMV_WARPS as usize),
+                "blocks of columns",
+            )?,
             1,
             1,
         ),

@@ -41,7 +41,10 @@ pub struct CudaBackend {
 }
 
 /// Host values and the device buffer they were uploaded to.
-type Upload = (Vec<u32>, Arc<CudaSlice<u32>>);
+type Upload = (Vec<u32>, Uploaded);
+
+/// A buffer of uploaded host values, shared through the upload cache.
+pub(crate) type Uploaded = Arc<CudaSlice<u32>>;
 
 /// Recent uploads kept for reuse.
 const UPLOAD_CACHE: usize = 16;
@@ -130,6 +133,16 @@ pub(crate) fn split_k(k: usize, columns: usize) -> i32 {
         k if k % 16 == 0 => 2,
         _ => 1,
     }
+}
+
+/// Shared memory a block may use without opting in to more.
+pub(crate) const STATIC_SMEM: usize = 48 << 10;
+
+/// `count` `what` (rows, columns, experts) as a launch's grid dimension, or a shape error
+/// naming them.
+pub(crate) fn grid_dim(op: &'static str, count: usize, what: &str) -> Result<u32, BackendError> {
+    u32::try_from(count)
+        .map_err(|_| shape_err(op, format!("{count} {what}: too many for one launch")))
 }
 
 /// `usize` → the kernels' `int`, or a shape error naming `op`.
@@ -242,6 +255,19 @@ impl CudaBackend {
         Ok(buf)
     }
 
+    /// A step's positions and the rotary table's frequencies (as f32 bits) in device memory,
+    /// through the upload cache: the same for every layer of a step.
+    pub(crate) fn upload_rope(
+        &self,
+        op: &'static str,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<(Uploaded, Uploaded), BackendError> {
+        let pos = self.upload_cached(op, &u32s(op, positions)?)?;
+        let bits: Vec<u32> = table.inv_freq().iter().map(|f| f.to_bits()).collect();
+        Ok((pos, self.upload_cached(op, &bits)?))
+    }
+
     /// Checks an RMSNorm's shapes and gives its launch (one block per group) and group width;
     /// `None` when there is nothing to normalise.
     fn norm_plan(
@@ -262,11 +288,7 @@ impl CudaBackend {
             return Ok(None);
         }
         let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(groups).map_err(|_| shape_err(op, "too many rows".into()))?,
-                1,
-                1,
-            ),
+            grid_dim: (grid_dim(op, groups, "norm groups")?, 1, 1),
             block_dim: (
                 match g {
                     g if g > 4096 => 512,
@@ -479,9 +501,7 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        let pos = self.upload_cached("rope", &u32s("rope", positions)?)?;
-        let bits: Vec<u32> = table.inv_freq().iter().map(|f| f.to_bits()).collect();
-        let freq = self.upload_cached("rope", &bits)?;
+        let (pos, freq) = self.upload_rope("rope", positions, table)?;
         let scale = table.scale();
         let (rows, cols, h) = (
             int("rope", x.rows)?,
@@ -629,7 +649,7 @@ impl Backend for CudaBackend {
         if logits.rows == 0 || logits.cols == 0 {
             return Ok(None);
         }
-        let rows = u32::try_from(logits.rows).map_err(|_| shape_err(OP, "too many rows".into()))?;
+        let rows = grid_dim(OP, logits.rows, "logits rows")?;
         let vocab = int(OP, logits.cols)?;
         let s = &self.dev.compute;
         // SAFETY: f64 (any bit pattern valid); the kernel writes every row's fourth value and,

@@ -4,11 +4,10 @@ use cudarc::driver::LaunchConfig;
 use tileflow_engine::backend::{check, prepare_attention_ops, BackendError, QkvPrep};
 use tileflow_engine::dtype::Dtype;
 
-use super::{dev_err, int, u32s, CudaAct, CudaBackend, CudaKvPool, CudaWeight};
+use super::{
+    dev_err, grid_dim, int, u32s, CudaAct, CudaBackend, CudaKvPool, CudaWeight, STATIC_SMEM,
+};
 use crate::cuda::device::Kernel;
-
-/// Shared memory a block may take without raising the kernel's limit.
-const STATIC_SMEM: usize = 48 << 10;
 
 /// The norms, clamp, RoPE and KV write of [`QkvPrep`] as one kernel when the shapes fit it (a
 /// row of q or k in shared memory, f32 norm weights dividing the rows); the separate ops
@@ -44,10 +43,8 @@ pub(super) fn prepare_attention(
         return prepare_attention_ops(be, [q, k, v], pool, p);
     }
     const OP: &str = "prepare_attention";
-    let pos = be.upload_cached(OP, &u32s(OP, p.positions)?)?;
+    let (pos, freq) = be.upload_rope(OP, p.positions, p.rope)?;
     let slots = be.upload_cached(OP, &u32s(OP, p.slots)?)?;
-    let bits: Vec<u32> = p.rope.inv_freq().iter().map(|f| f.to_bits()).collect();
-    let freq = be.upload_cached(OP, &bits)?;
     let width = |w: Option<&CudaWeight>| w.map_or(0, |w| w.rows * w.cols);
     let (qc, kc, qg, kg, h) = (
         int(OP, q.cols)?,
@@ -88,11 +85,7 @@ pub(super) fn prepare_attention(
         .arg(&mut kp[p.layer])
         .arg(&mut vp[p.layer]);
     let cfg = LaunchConfig {
-        grid_dim: (
-            u32::try_from(q.rows).map_err(|_| super::shape_err(OP, "too many rows".into()))?,
-            3,
-            1,
-        ),
+        grid_dim: (grid_dim(OP, q.rows, "rows")?, 3, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (q.cols.max(k.cols) * 4) as u32,
     };

@@ -8,7 +8,7 @@ use tileflow_engine::backend::{check, Backend, BackendError, ExpertBytes, Expert
 use tileflow_engine::dtype::Dtype;
 
 use super::experts::{launch_route, projection_ptr, run_experts, ExpertLists};
-use super::{dev_err, int, shape_err, CudaAct, CudaBackend};
+use super::{dev_err, int, shape_err, CudaAct, CudaBackend, STATIC_SMEM};
 use crate::cuda::device::Kernel;
 
 /// One layer's experts in VRAM: gate, up and down addresses of expert `e` at `3e..3e + 3`.
@@ -116,8 +116,6 @@ pub(super) fn routing_log(
 
 /// Threads of the planning block.
 const PLAN_THREADS: u32 = 256;
-/// Shared memory a block may use without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
 
 /// Bytes of shared memory `moe_plan` needs for `ne` experts with `staged` choices (0: none
 /// staged) and routing in the block or not (kernels/experts.cu lays it out); `None` past the
@@ -132,7 +130,7 @@ fn plan_smem(ne: usize, staged: usize, route_here: bool) -> Option<u32> {
         };
     // + the kernel's two static u32.
     let bytes = 4 * words + 8;
-    (bytes <= SMEM_LIMIT).then_some(bytes as u32 - 8)
+    (bytes <= STATIC_SMEM).then_some(bytes as u32 - 8)
 }
 /// Rows up to which the planning block routes them itself (two per warp).
 const PLAN_ROUTE_ROWS: usize = 16;
