@@ -178,46 +178,100 @@ __device__ __forceinline__ float dot8(uint4 q, int bf, float4 a, float4 b) {
            wv[6] * b.z + wv[7] * b.w;
 }
 
-// Loads of 16 bytes each lane keeps in flight per weight row in the one-row kernels.
-#define ONE_ROW_LOADS 8
-
-// One-row matrix-vector products (a decode step of one token): one warp per weight row, the
-// row read whole with ONE_ROW_LOADS vector loads per lane issued before any arithmetic, so a
-// warp has up to 4 KiB in flight per row. NW rows of 16-bit weights (NW = 2: gate and up)
-// against the same f32 x, each `k` long (k % 8 == 0, rows and x 16-byte aligned). acc[i] gets
-// this lane's partial sum for row i, accumulated in ascending k as dot_rows does; the caller
-// reduces over the warp.
-template <int NW>
-__device__ __forceinline__ void dot_one_row(const u16* const w[NW], int bf, const float* x, int k,
-                                            float acc[NW]) {
-    const int lane = threadIdx.x & 31;
+// One-row matrix-vector products (a decode step of one token), streamed: one warp computes R
+// 16-bit weight rows against the same f32 x of k elements (k % 8 == 0, rows and x 16-byte
+// aligned). The rows are read in chunks of 256 * L elements, R * L loads of 16 bytes per lane
+// (4 KiB per warp when R * L == 8), and the next chunk's loads are issued before the current
+// one is computed, so the warp keeps a chunk in flight from its first load to its last and
+// reads its lanes' x once per chunk for all R rows. acc[r] gets this lane's partial sum for
+// row r, accumulated in ascending k as dot_rows does; the caller reduces over the warp.
+//
+// The first chunk is requested before pdl_wait: weights are never written during a step, only
+// x waits for the grids before (a caller that waited already loses nothing).
+template <int R, int L>
+__device__ __forceinline__ void stream_load(uint4 (&q)[R][L], const u16* const (&w)[R], int k0,
+                                            int k) {
 #pragma unroll
-    for (int i = 0; i < NW; i++) acc[i] = 0.0f;
-    for (int base = lane * 8; base < k; base += 256 * ONE_ROW_LOADS) {
-        uint4 q[NW][ONE_ROW_LOADS];
+    for (int u = 0; u < L; u++) {
+        const int kk = k0 + u * 256;
 #pragma unroll
-        for (int u = 0; u < ONE_ROW_LOADS; u++) {
-            const int k0 = base + u * 256;
-#pragma unroll
-            for (int i = 0; i < NW; i++) {
-                if (k0 < k) {
-                    q[i][u] = *(const uint4*)(w[i] + k0);
-                } else {
-                    q[i][u].x = q[i][u].y = q[i][u].z = q[i][u].w = 0;
-                }
-            }
-        }
-        // Weights are never written during a step: only x waits for the ops before.
-        pdl_wait();
-#pragma unroll
-        for (int u = 0; u < ONE_ROW_LOADS; u++) {
-            const int k0 = base + u * 256;
-            if (k0 < k) {
-                const float4* xp = (const float4*)(x + k0);
-                float4 a = xp[0], b = xp[1];
-#pragma unroll
-                for (int i = 0; i < NW; i++) acc[i] += dot8(q[i][u], bf, a, b);
+        for (int r = 0; r < R; r++) {
+            if (kk < k) {
+                q[r][u] = *(const uint4*)(w[r] + kk);
+            } else {
+                q[r][u].x = q[r][u].y = q[r][u].z = q[r][u].w = 0;
             }
         }
     }
+}
+
+template <int R, int L>
+__device__ __forceinline__ void stream_dot(const uint4 (&q)[R][L], int bf, const float* x, int k0,
+                                           int k, float (&acc)[R]) {
+#pragma unroll
+    for (int u = 0; u < L; u++) {
+        const int kk = k0 + u * 256;
+        if (kk < k) {
+            const float4* xp = (const float4*)(x + kk);
+            const float4 a = xp[0], b = xp[1];
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] += dot8(q[r][u], bf, a, b);
+        }
+    }
+}
+
+template <int R, int L>
+__device__ __forceinline__ void dot_stream(const u16* const (&w)[R], int bf, const float* x, int k,
+                                           float (&acc)[R]) {
+    const int lane8 = (threadIdx.x & 31) * 8;
+    constexpr int CH = 256 * L;
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    uint4 a[R][L], b[R][L];
+    stream_load<R, L>(a, w, lane8, k);
+    pdl_wait();
+    for (int c0 = 0; c0 < k; c0 += 2 * CH) {
+        stream_load<R, L>(b, w, c0 + CH + lane8, k);
+        stream_dot<R, L>(a, bf, x, c0 + lane8, k, acc);
+        if (c0 + CH >= k) break;
+        stream_load<R, L>(a, w, c0 + 2 * CH + lane8, k);
+        stream_dot<R, L>(b, bf, x, c0 + CH + lane8, k, acc);
+    }
+}
+
+// Loads of 16 bytes per lane and chunk in the one-row kernels: R * L (see dot_stream).
+#define STREAM_LOADS 8
+
+// Sums each of the R values of acc over the warp, into every lane.
+template <int R>
+__device__ __forceinline__ void warp_sums(float (&acc)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
+}
+
+// v[lane] for lanes below C (v[0] for the others): spreads C per-row totals over the warp.
+template <int C>
+__device__ __forceinline__ float lane_value(const float* v) {
+    const int lane = threadIdx.x & 31;
+    float out = v[0];
+#pragma unroll
+    for (int c = 1; c < C; c++) {
+        if (lane == c) out = v[c];
+    }
+    return out;
+}
+
+// x · w[c0 + c] for the C rows c0 .. c0 + C - 1 of w (n rows of k 16-bit weights; rows past
+// the last read the last again), streamed by one warp (see dot_stream): lane c gets row
+// c0 + c's total.
+template <int C>
+__device__ __forceinline__ float rows_dot(const u16* w, int n, int c0, int bf, const float* x,
+                                          int k) {
+    const u16* rows[C];
+#pragma unroll
+    for (int c = 0; c < C; c++) rows[c] = w + (long long)min(c0 + c, n - 1) * k;
+    float acc[C];
+    dot_stream<C, STREAM_LOADS / C>(rows, bf, x, k, acc);
+    warp_sums<C>(acc);
+    return lane_value<C>(acc);
 }

@@ -77,73 +77,115 @@ extern "C" __global__ void experts_down(const float* act, int hidden, int inter,
     }
 }
 
+// gate·up of columns j0 .. j0 + C - 1 (those below inter) of one expert for one row x: the C
+// gate rows and the C up rows streamed together by one warp (see dot_stream); lane c writes
+// act[j0 + c].
+template <int C>
+__device__ __forceinline__ void gate_up_cols(const float* x, int hidden, int inter, int bf,
+                                             const u16* gate, const u16* up, int j0, float* act) {
+    const u16* rows[2 * C];
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        const long long off = (long long)min(j0 + c, inter - 1) * hidden;
+        rows[c] = gate + off;
+        rows[C + c] = up + off;
+    }
+    float acc[2 * C];
+    dot_stream<2 * C, STREAM_LOADS / (2 * C)>(rows, bf, x, hidden, acc);
+    warp_sums<2 * C>(acc);
+    const int lane = threadIdx.x & 31;
+    const float g = lane_value<C>(acc), u = lane_value<C>(acc + C);
+    if (lane < C && j0 + lane < inter) act[j0 + lane] = silu(g) * u;
+}
+
 // gate·up when every selected expert has exactly one assignment (a one-token step), with
-// 16-bit weights: one warp per output column (see dot_one_row), reading the row of x directly
-// (x[assign[a]]: no gather); grid (ceil(inter / 8), experts) of 256 threads. Entries without
-// an assignment return at once.
-extern "C" __global__ void experts_gate_up_one_row(const float* x, const u32* assign, int hidden,
-                                                   int inter, int bf, const u64* ptrs,
-                                                   const u32* starts, float* act) {
+// 16-bit weights: a warp computes C (1, 2 or 4) columns of one expert, reading the row of x
+// directly (x[assign[a]]: no gather); grid (ceil(inter / (8 * C)), experts) of 256 threads.
+// Entries without an assignment return at once. experts_gate_up_one_row_c<C>.
+template <int C>
+__device__ __forceinline__ void experts_gate_up_one_row(const float* x, const u32* assign,
+                                                        int hidden, int inter, int bf,
+                                                        const u64* ptrs, const u32* starts,
+                                                        float* act) {
     pdl_launch_next();
     pdl_wait();
     const int e = blockIdx.y;
-    const int j = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int j0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * C;
     const u32 a = starts[e];
-    if (j >= inter || a == starts[e + 1]) return;
-    const long long off = (long long)j * hidden;
-    const u16* rows[2] = {(const u16*)ptrs[3 * e] + off, (const u16*)ptrs[3 * e + 1] + off};
-    float acc[2];
-    dot_one_row<2>(rows, bf, x + (long long)assign[a] * hidden, hidden, acc);
-    float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
-    if ((threadIdx.x & 31) == 0) act[(long long)a * inter + j] = silu(g) * u;
+    if (j0 >= inter || a == starts[e + 1]) return;
+    const u16 *gate = (const u16*)ptrs[3 * e], *up = (const u16*)ptrs[3 * e + 1];
+    gate_up_cols<C>(x + (long long)assign[a] * hidden, hidden, inter, bf, gate, up, j0,
+                    act + (long long)a * inter);
 }
+
+#define EXPERTS_GATE_UP_ONE_ROW(C)                                                             \
+    extern "C" __global__ void experts_gate_up_one_row_c##C(                                   \
+        const float* x, const u32* assign, int hidden, int inter, int bf, const u64* ptrs,      \
+        const u32* starts, float* act) {                                                       \
+        experts_gate_up_one_row<C>(x, assign, hidden, inter, bf, ptrs, starts, act);           \
+    }
+EXPERTS_GATE_UP_ONE_ROW(1)
+EXPERTS_GATE_UP_ONE_ROW(2)
+EXPERTS_GATE_UP_ONE_ROW(4)
 
 #define NO_ASSIGN 0xffffffffu
 
 // Most assignments one row may have for experts_down_combine_one_row.
 #define COMBINE_MAX 64
 
+// scale * (act · down[c]) for the columns c0 .. c0 + C - 1 (those below hidden) of one expert,
+// by one warp (see dot_stream); lane c writes y[c].
+template <int C>
+__device__ __forceinline__ void down_cols(const float* act, int inter, int hidden, int bf,
+                                          const u16* down, int c0, float scale, float* y) {
+    const float v = rows_dot<C>(down, hidden, c0, bf, act, inter);
+    const int lane = threadIdx.x & 31;
+    if (lane < C) y[lane] = v * scale;
+}
+
 // down and the combine in one launch for a one-token step of 16-bit experts: out[c] (+)= the
 // sum over the row's assignments, in its CSR order (ascending expert), of scale[a] *
-// (act[a] · down[c]), added in the order experts_combine adds. Each block takes two columns
-// (2 * inter contiguous weights per expert, so a short down row still has a full set of loads
-// in flight, see dot_one_row); warp w computes them for the row's assignments w, w + 8, ...
-// (each its expert's only one: entry a of ptrs), then two threads add them up in order.
-// grid ceil(hidden / 2) of 256 threads; at most COMBINE_MAX assignments.
-extern "C" __global__ void experts_down_combine_one_row(const float* act, int hidden, int inter,
-                                                        int bf, const u64* ptrs,
-                                                        const float* scales,
-                                                        const u32* row_starts,
-                                                        const u32* row_assign, float* out,
-                                                        int fresh) {
+// (act[a] · down[c]), added in the order experts_combine adds. A block takes C (1, 2, 4 or 8)
+// columns; warp w computes them for the row's assignments w, w + 8, ... (each its expert's
+// only one: entry a of ptrs), then C threads add them up in order.
+// grid ceil(hidden / C) of 256 threads; at most COMBINE_MAX assignments.
+// experts_down_combine_one_row_c<C>.
+template <int C>
+__device__ __forceinline__ void experts_down_combine_one_row(
+    const float* act, int hidden, int inter, int bf, const u64* ptrs, const float* scales,
+    const u32* row_starts, const u32* row_assign, float* out, int fresh) {
     pdl_launch_next();
     pdl_wait();
-    __shared__ float y[COMBINE_MAX][2];
-    const int c = 2 * blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const bool pair = c + 1 < hidden;
+    __shared__ float y[COMBINE_MAX][C];
+    const int c0 = blockIdx.x * C, warp = threadIdx.x >> 5;
     const u32 t0 = row_starts[0], n = row_starts[1] - t0;
     for (u32 t = warp; t < n; t += blockDim.x >> 5) {
         const u32 a = row_assign[t0 + t];
         if (a == NO_ASSIGN) continue;
-        const u16* d = (const u16*)ptrs[3 * a + 2];
-        const u16* rows[2] = {d + (long long)c * inter, d + (long long)(pair ? c + 1 : c) * inter};
-        float acc[2];
-        dot_one_row<2>(rows, bf, act + (long long)a * inter, inter, acc);
-        const float v0 = warp_sum(acc[0]), v1 = warp_sum(acc[1]);
-        if (lane == 0) {
-            y[t][0] = v0 * scales[a];
-            y[t][1] = v1 * scales[a];
-        }
+        down_cols<C>(act + (long long)a * inter, inter, hidden, bf, (const u16*)ptrs[3 * a + 2],
+                     c0, scales[a], y[t]);
     }
     __syncthreads();
     const int j = threadIdx.x;
-    if (j > 1 || (j == 1 && !pair)) return;
-    float o = fresh ? 0.0f : out[c + j];
+    if (j >= C || c0 + j >= hidden) return;
+    float o = fresh ? 0.0f : out[c0 + j];
     for (u32 t = 0; t < n; t++) {
         if (row_assign[t0 + t] != NO_ASSIGN) o += y[t][j];
     }
-    out[c + j] = o;
+    out[c0 + j] = o;
 }
+
+#define EXPERTS_DOWN_COMBINE_ONE_ROW(C)                                                        \
+    extern "C" __global__ void experts_down_combine_one_row_c##C(                              \
+        const float* act, int hidden, int inter, int bf, const u64* ptrs, const float* scales,  \
+        const u32* row_starts, const u32* row_assign, float* out, int fresh) {                 \
+        experts_down_combine_one_row<C>(act, hidden, inter, bf, ptrs, scales, row_starts,      \
+                                        row_assign, out, fresh);                               \
+    }
+EXPERTS_DOWN_COMBINE_ONE_ROW(1)
+EXPERTS_DOWN_COMBINE_ONE_ROW(2)
+EXPERTS_DOWN_COMBINE_ONE_ROW(4)
+EXPERTS_DOWN_COMBINE_ONE_ROW(8)
 
 // out[r, c] += y[a, c] for each assignment a of row r, in ascending expert order (the order
 // transformers adds them); row_starts / row_assign list them per row (CSR). NO_ASSIGN entries

@@ -26,38 +26,58 @@ extern "C" __global__ void gemv(const float* x, int m, int k, const void* w, int
     }
 }
 
-// out[col] = x · w[col] for one row of x and 16-bit weights (see dot_one_row), by one warp.
-__device__ __forceinline__ void gemv_one_col(const float* x, int k, const u16* w, int bf, int col,
+// out[c] = x · w[c] for the C columns c0 .. c0 + C - 1 of w that lie below n (one row of x,
+// 16-bit weights, see dot_stream), by one warp; lane c writes column c0 + c.
+template <int C>
+__device__ __forceinline__ void gemv_cols(const float* x, int k, const u16* w, int bf, int n,
+                                          int c0, float* out) {
+    const float v = rows_dot<C>(w, n, c0, bf, x, k);
+    const int lane = threadIdx.x & 31;
+    if (lane < C && c0 + lane < n) out[c0 + lane] = v;
+}
+
+// out[n] = x[k] · w[n, k]ᵀ for one row of x and 16-bit weights: C columns per warp (1, 2, 4 or
+// 8: fewer for a small matrix, so that every SM gets warps; more for a large one, each lane's
+// x read once for more rows), grid ceil(n / (8 * C)) blocks of 256 threads. One kernel per C,
+// gemv_one_row_c<C>, so that each gets the registers it needs.
+template <int C>
+__device__ __forceinline__ void gemv_one_row(const float* x, int k, const u16* w, int bf, int n,
                                              float* out) {
-    const u16* rows[1] = {w + (long long)col * k};
-    float acc[1];
-    dot_one_row<1>(rows, bf, x, k, acc);
-    float v = warp_sum(acc[0]);
-    if ((threadIdx.x & 31) == 0) out[col] = v;
+    pdl_launch_next();  // waits in dot_stream, after its first weight loads
+    const int c0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * C;
+    if (c0 < n) gemv_cols<C>(x, k, w, bf, n, c0, out);
 }
 
-// out[n] = x[k] · w[n, k]ᵀ for one row of x and 16-bit weights: one warp per output column,
-// grid ceil(n / 8) blocks of 256 threads.
-extern "C" __global__ void gemv_one_row(const float* x, int k, const u16* w, int bf, int n,
-                                        float* out) {
-    pdl_launch_next();  // waits in dot_one_row, after its weight loads
-    const int col = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (col < n) gemv_one_col(x, k, w, bf, col, out);
-}
-
-// The same for up to three matrices of one x in one launch (a layer's q, k and v): warp c
-// takes column c of their concatenation; an unused matrix has n = 0.
-// grid ceil((n0 + n1 + n2) / 8) blocks of 256 threads.
-extern "C" __global__ void gemv_one_row3(const float* x, int k, int bf, const u16* w0, int n0,
-                                         float* o0, const u16* w1, int n1, float* o1,
-                                         const u16* w2, int n2, float* o2) {
-    pdl_launch_next();  // waits in dot_one_row, after its weight loads
-    int col = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (col < n0) {
-        gemv_one_col(x, k, w0, bf, col, o0);
-    } else if ((col -= n0) < n1) {
-        gemv_one_col(x, k, w1, bf, col, o1);
-    } else if ((col -= n1) < n2) {
-        gemv_one_col(x, k, w2, bf, col, o2);
+// The same for up to three matrices of one x in one launch (a layer's q, k and v): warp g
+// takes group g of their column groups (ceil(n / C) per matrix); an unused matrix has n = 0.
+// grid ceil(groups / 8) blocks of 256 threads; gemv_one_row3_c<C>.
+template <int C>
+__device__ __forceinline__ void gemv_one_row3(const float* x, int k, int bf, const u16* w0, int n0,
+                                              float* o0, const u16* w1, int n1, float* o1,
+                                              const u16* w2, int n2, float* o2) {
+    pdl_launch_next();  // waits in dot_stream, after its first weight loads
+    int g = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int g0 = (n0 + C - 1) / C, g1 = (n1 + C - 1) / C, g2 = (n2 + C - 1) / C;
+    if (g < g0) {
+        gemv_cols<C>(x, k, w0, bf, n0, g * C, o0);
+    } else if ((g -= g0) < g1) {
+        gemv_cols<C>(x, k, w1, bf, n1, g * C, o1);
+    } else if ((g -= g1) < g2) {
+        gemv_cols<C>(x, k, w2, bf, n2, g * C, o2);
     }
 }
+
+#define GEMV_ONE_ROW(C)                                                                        \
+    extern "C" __global__ void gemv_one_row_c##C(const float* x, int k, const u16* w, int bf,  \
+                                                 int n, float* out) {                          \
+        gemv_one_row<C>(x, k, w, bf, n, out);                                                  \
+    }                                                                                          \
+    extern "C" __global__ void gemv_one_row3_c##C(                                             \
+        const float* x, int k, int bf, const u16* w0, int n0, float* o0, const u16* w1, int n1,  \
+        float* o1, const u16* w2, int n2, float* o2) {                                         \
+        gemv_one_row3<C>(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2);                        \
+    }
+GEMV_ONE_ROW(1)
+GEMV_ONE_ROW(2)
+GEMV_ONE_ROW(4)
+GEMV_ONE_ROW(8)

@@ -14,6 +14,8 @@ pub struct GpuInfo {
     pub total_memory: u64,
     /// Compute capability (major, minor).
     pub compute_capability: (u32, u32),
+    /// Streaming multiprocessors.
+    pub multiprocessors: u32,
 }
 
 impl std::fmt::Display for GpuInfo {

@@ -42,6 +42,18 @@ fn backends(dtype: Dtype) -> Option<(CpuBackend, CudaBackend)> {
     ))
 }
 
+/// CUDA backends whose one-token kernels compute 1, 2, 4 and 8 columns per warp (test shapes
+/// are too small for the chosen count to be more than one).
+fn one_row_backends(dtype: Dtype) -> Vec<(u32, CudaBackend)> {
+    let dev = device().unwrap();
+    [1, 2, 4, 8]
+        .map(|c| {
+            let b = CudaBackend::new(dev.clone(), dtype).unwrap();
+            (c, b.with_poison().with_one_row_columns(c))
+        })
+        .into()
+}
+
 /// splitmix64 values in [-1, 1).
 struct Rng(u64);
 
@@ -682,6 +694,14 @@ fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
             let got = gpu.route_experts(&gl, &table, &gx, &mut log, 1).unwrap();
             let what = format!("device routing {dtype:?} {rows} rows top {k}");
             close(&what, &gpu.download(&got).unwrap(), &want, F32_TOL);
+            if rows == 1 {
+                for (c, forced) in one_row_backends(dtype) {
+                    let mut log = forced.routing_log(1, rows, k, renorm).unwrap();
+                    let got = forced.route_experts(&gl, &table, &gx, &mut log, 0).unwrap();
+                    let what = format!("{what}, {c} columns per warp");
+                    close(&what, &forced.download(&got).unwrap(), &want, F32_TOL);
+                }
+            }
             let back = gpu.read_routing_log(&log).unwrap();
             assert_eq!(back.len(), 3, "{what}");
             assert_eq!(back[1].experts, routing.experts, "{what}");
@@ -716,6 +736,45 @@ fn device_routing_matches_host_routing_and_a_nan_router_adds_nothing() {
         assert!(gpu.route_experts(&gl, &table, &gx, &mut log, 0).is_err());
         let gl = gpu.upload_act(rng.matrix(2, ne, 1.0)).unwrap();
         assert!(gpu.route_experts(&gl, &table, &gx, &mut log, 1).is_err());
+    }
+}
+
+/// The one-token matrix-vector kernels with every number of columns per warp: rows of x that
+/// end inside a chunk (k = 64, 2056, 4104), column counts that leave a warp's last group
+/// short, one to three matrices in one launch.
+#[test]
+fn one_row_products_match_for_every_column_count() {
+    for dtype in [Dtype::BF16, Dtype::F16] {
+        let Some((cpu, _)) = backends(dtype) else {
+            return;
+        };
+        let mut rng = Rng(13);
+        for (k, n) in [(64, 48), (4104, 13), (2056, 37), (520, 9)] {
+            let x = rng.matrix(1, k, 1.0);
+            let ws: Vec<HostMatrix> = [n, 24, 9]
+                .iter()
+                .map(|&n| rng.weight(n, k, dtype))
+                .collect();
+            for (c, gpu) in one_row_backends(dtype) {
+                let gx = gpu.upload_act(x.clone()).unwrap();
+                let gws: Vec<_> = ws.iter().map(|w| gpu.upload(w.clone()).unwrap()).collect();
+                let what = format!("one row {dtype:?} k {k}, {c} columns per warp");
+                let got = gpu.linear(&gx, &gws[0], None).unwrap();
+                let want = cpu.linear(&x, &ws[0], None).unwrap();
+                close(&what, &gpu.download(&got).unwrap(), &want, F32_TOL);
+                let pairs: Vec<_> = gws.iter().map(|w| (w, None)).collect();
+                let got = gpu.linears(&gx, &pairs).unwrap();
+                for (i, g) in got.iter().enumerate() {
+                    let want = cpu.linear(&x, &ws[i], None).unwrap();
+                    close(
+                        &format!("{what} #{i}"),
+                        &gpu.download(g).unwrap(),
+                        &want,
+                        F32_TOL,
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -50,17 +50,28 @@ pub(crate) enum Kernel {
     ExpertsDown,
     ExpertsCombine,
     MoePlan,
-    GemvOneRow,
-    ExpertsGateUpOneRow,
-    GemvOneRow3,
     QkvPrepare,
-    ExpertsDownCombineOneRow,
     LogitSummary,
+    GemvOneRowC1,
+    GemvOneRowC2,
+    GemvOneRowC4,
+    GemvOneRowC8,
+    GemvOneRow3C1,
+    GemvOneRow3C2,
+    GemvOneRow3C4,
+    GemvOneRow3C8,
+    ExpertsGateUpOneRowC1,
+    ExpertsGateUpOneRowC2,
+    ExpertsGateUpOneRowC4,
+    ExpertsDownCombineOneRowC1,
+    ExpertsDownCombineOneRowC2,
+    ExpertsDownCombineOneRowC4,
+    ExpertsDownCombineOneRowC8,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 24] = [
+    pub(crate) const ALL: [Kernel; 35] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -79,13 +90,63 @@ impl Kernel {
         Kernel::ExpertsDown,
         Kernel::ExpertsCombine,
         Kernel::MoePlan,
-        Kernel::GemvOneRow,
-        Kernel::ExpertsGateUpOneRow,
-        Kernel::GemvOneRow3,
         Kernel::QkvPrepare,
-        Kernel::ExpertsDownCombineOneRow,
         Kernel::LogitSummary,
+        Kernel::GemvOneRowC1,
+        Kernel::GemvOneRowC2,
+        Kernel::GemvOneRowC4,
+        Kernel::GemvOneRowC8,
+        Kernel::GemvOneRow3C1,
+        Kernel::GemvOneRow3C2,
+        Kernel::GemvOneRow3C4,
+        Kernel::GemvOneRow3C8,
+        Kernel::ExpertsGateUpOneRowC1,
+        Kernel::ExpertsGateUpOneRowC2,
+        Kernel::ExpertsGateUpOneRowC4,
+        Kernel::ExpertsDownCombineOneRowC1,
+        Kernel::ExpertsDownCombineOneRowC2,
+        Kernel::ExpertsDownCombineOneRowC4,
+        Kernel::ExpertsDownCombineOneRowC8,
     ];
+
+    /// `gemv_one_row_c<C>` for `c` columns per warp (the largest it is built for, not above `c`).
+    pub(crate) fn gemv_one_row(c: u32) -> Kernel {
+        match c {
+            8.. => Kernel::GemvOneRowC8,
+            4..=7 => Kernel::GemvOneRowC4,
+            2..=3 => Kernel::GemvOneRowC2,
+            _ => Kernel::GemvOneRowC1,
+        }
+    }
+
+    /// `gemv_one_row3_c<C>` for `c` columns per warp (the largest it is built for, not above `c`).
+    pub(crate) fn gemv_one_row3(c: u32) -> Kernel {
+        match c {
+            8.. => Kernel::GemvOneRow3C8,
+            4..=7 => Kernel::GemvOneRow3C4,
+            2..=3 => Kernel::GemvOneRow3C2,
+            _ => Kernel::GemvOneRow3C1,
+        }
+    }
+
+    /// `experts_gate_up_one_row_c<C>` for `c` columns per warp (the largest it is built for, not above `c`).
+    pub(crate) fn experts_gate_up_one_row(c: u32) -> Kernel {
+        match c {
+            4.. => Kernel::ExpertsGateUpOneRowC4,
+            2..=3 => Kernel::ExpertsGateUpOneRowC2,
+            _ => Kernel::ExpertsGateUpOneRowC1,
+        }
+    }
+
+    /// `experts_down_combine_one_row_c<C>` for `c` columns per warp (the largest it is built for, not above `c`).
+    pub(crate) fn experts_down_combine_one_row(c: u32) -> Kernel {
+        match c {
+            8.. => Kernel::ExpertsDownCombineOneRowC8,
+            4..=7 => Kernel::ExpertsDownCombineOneRowC4,
+            2..=3 => Kernel::ExpertsDownCombineOneRowC2,
+            _ => Kernel::ExpertsDownCombineOneRowC1,
+        }
+    }
 
     /// The `extern "C"` name in `gpu/kernels/`.
     pub(crate) fn name(self) -> &'static str {
@@ -108,12 +169,23 @@ impl Kernel {
             Kernel::ExpertsDown => "experts_down",
             Kernel::ExpertsCombine => "experts_combine",
             Kernel::MoePlan => "moe_plan",
-            Kernel::GemvOneRow => "gemv_one_row",
-            Kernel::ExpertsGateUpOneRow => "experts_gate_up_one_row",
-            Kernel::GemvOneRow3 => "gemv_one_row3",
             Kernel::QkvPrepare => "qkv_prepare",
-            Kernel::ExpertsDownCombineOneRow => "experts_down_combine_one_row",
             Kernel::LogitSummary => "logit_summary",
+            Kernel::GemvOneRowC1 => "gemv_one_row_c1",
+            Kernel::GemvOneRowC2 => "gemv_one_row_c2",
+            Kernel::GemvOneRowC4 => "gemv_one_row_c4",
+            Kernel::GemvOneRowC8 => "gemv_one_row_c8",
+            Kernel::GemvOneRow3C1 => "gemv_one_row3_c1",
+            Kernel::GemvOneRow3C2 => "gemv_one_row3_c2",
+            Kernel::GemvOneRow3C4 => "gemv_one_row3_c4",
+            Kernel::GemvOneRow3C8 => "gemv_one_row3_c8",
+            Kernel::ExpertsGateUpOneRowC1 => "experts_gate_up_one_row_c1",
+            Kernel::ExpertsGateUpOneRowC2 => "experts_gate_up_one_row_c2",
+            Kernel::ExpertsGateUpOneRowC4 => "experts_gate_up_one_row_c4",
+            Kernel::ExpertsDownCombineOneRowC1 => "experts_down_combine_one_row_c1",
+            Kernel::ExpertsDownCombineOneRowC2 => "experts_down_combine_one_row_c2",
+            Kernel::ExpertsDownCombineOneRowC4 => "experts_down_combine_one_row_c4",
+            Kernel::ExpertsDownCombineOneRowC8 => "experts_down_combine_one_row_c8",
         }
     }
 }
@@ -165,11 +237,15 @@ pub(super) fn info(ordinal: usize) -> Result<GpuInfo, GpuError> {
     let (major, minor) = ctx
         .compute_capability()
         .map_err(|e| driver_err(what(), e))?;
+    let sms = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| driver_err(what(), e))?;
     Ok(GpuInfo {
         ordinal,
         name,
         total_memory: total as u64,
         compute_capability: (major.max(0) as u32, minor.max(0) as u32),
+        multiprocessors: sms.max(1) as u32,
     })
 }
 

@@ -10,7 +10,7 @@ use tileflow_engine::pack::ProjectionExtent;
 
 use super::{
     dev_err, dtype_code, elementwise, grid_dim, int, shape_err, split_k, CudaAct, CudaBackend,
-    CudaKvPool,
+    CudaKvPool, MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM,
 };
 use crate::cuda::device::Kernel;
 
@@ -424,7 +424,9 @@ pub(super) fn run_experts(
     if one_row {
         one_row_gate_up(be, lists, (selected, h, inter), dtype, x, &mut act)?;
         let bf = i32::from(dtype == Dtype::BF16);
-        let mut b = be.dev.launch(Kernel::ExpertsDownCombineOneRow);
+        // Columns per block: as many as still give every SM two blocks.
+        let cpb = be.one_row_columns(MAX_ONE_ROW_COLUMNS, 2, |c| h.div_ceil(c));
+        let mut b = be.dev.launch(Kernel::experts_down_combine_one_row(cpb));
         b.arg(&act.data)
             .arg(&hi)
             .arg(&ii)
@@ -435,9 +437,10 @@ pub(super) fn run_experts(
             .arg(&lists.row_assign)
             .arg(&mut out.data)
             .arg(&fresh);
-        // Two columns per block, all the row's experts in it.
-        let cfg = expert_cfg(h, 2, 1)?;
-        // SAFETY: experts_down_combine_one_row: one row, whose CSR list holds its `total` <=
+        // cpb columns per block, all the row's experts in it.
+        let cfg = expert_cfg(h, cpb, 1)?;
+        // SAFETY: experts_down_combine_one_row_c<cpb>: cpb is 1, 2, 4 or 8 and the grid covers
+        // ceil(h / cpb) blocks; one row, whose CSR list holds its `total` <=
         // COMBINE_MAX assignments (or NO_ASSIGN), each its expert's only one, so assignment a
         // is entry a of ptrs (< selected) and row a of act (total * inter); out is h floats;
         // 16-bit weights at 16-byte aligned addresses, inter % 8 == 0.
@@ -527,7 +530,11 @@ fn one_row_gate_up(
 ) -> Result<(), BackendError> {
     let (hi, ii) = (int("experts", h)?, int("experts", inter)?);
     let bf = i32::from(dtype == Dtype::BF16);
-    let mut b = be.dev.launch(Kernel::ExpertsGateUpOneRow);
+    // A warp streams its columns' gate and up rows together: at most half the rows of a chunk.
+    let cpw = be.one_row_columns(MAX_ONE_ROW_COLUMNS / 2, ONE_ROW_WARPS_PER_SM, |c| {
+        selected * inter.div_ceil(c)
+    });
+    let mut b = be.dev.launch(Kernel::experts_gate_up_one_row(cpw));
     b.arg(&x.data)
         .arg(&lists.assign)
         .arg(&hi)
@@ -536,10 +543,11 @@ fn one_row_gate_up(
         .arg(&lists.ptrs)
         .arg(&lists.starts)
         .arg(&mut act.data);
-    // SAFETY: experts_gate_up_one_row: as experts_gate_up, reading x (rows * h) at the rows
+    // SAFETY: experts_gate_up_one_row_c<cpw>: as experts_gate_up, reading x (rows * h) at the rows
     // `assign` names (< rows), with at most one assignment per expert (one token), 16-bit
-    // weights at 16-byte aligned addresses and h % 8 == 0.
-    unsafe { b.launch(expert_cfg(inter, EXPERT_WARPS, selected)?) }
+    // weights at 16-byte aligned addresses and h % 8 == 0; cpw is 1, 2 or 4 and the grid
+    // covers ceil(inter / cpw) warps per expert.
+    unsafe { b.launch(expert_cfg(inter, EXPERT_WARPS * cpw, selected)?) }
         .map_err(dev_err("experts"))
         .map(drop)
 }

@@ -17,7 +17,7 @@ use tileflow_engine::dtype::Dtype;
 
 use super::{
     dev_err, dtype_code, elementwise, grid_dim, int, shape_err, split_k, CudaAct, CudaBackend,
-    CudaWeight,
+    CudaWeight, MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM,
 };
 use crate::cuda::device::Kernel;
 
@@ -123,24 +123,29 @@ pub(super) fn linears(
     let s = &be.dev.compute;
     // Per matrix: its weights, columns and output (null and 0 where unused).
     let mut args = [(0u64, 0i32, 0u64); FUSED_LINEARS];
-    let mut columns = 0usize;
     for (i, ((w, _), out)) in weights.iter().zip(outs.iter_mut()).enumerate() {
         args[i] = (
             w.data.device_ptr(s).0,
             int("linear", w.rows)?,
             out.data.device_ptr_mut(s).0,
         );
-        columns += w.rows;
     }
     let (k, bf) = (
         int("linear", x.cols)?,
         i32::from(weights[0].0.dtype == Dtype::BF16),
     );
+    let groups = |c: usize| {
+        weights
+            .iter()
+            .map(|(w, _)| w.rows.div_ceil(c))
+            .sum::<usize>()
+    };
+    let cpw = be.one_row_columns(MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM, groups);
     let cfg = LaunchConfig {
         grid_dim: (
             grid_dim(
                 "linear",
-                columns.div_ceil(GEMV_WARPS as usize),
+                groups(cpw as usize).div_ceil(GEMV_WARPS as usize),
                 "blocks of columns",
             )?,
             1,
@@ -149,12 +154,13 @@ pub(super) fn linears(
         block_dim: (32 * GEMV_WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut l = be.dev.launch(Kernel::GemvOneRow3);
+    let mut l = be.dev.launch(Kernel::gemv_one_row3(cpw));
     l.arg(&x.data).arg(&k).arg(&bf);
     for (w, n, out) in &args {
         l.arg(w).arg(n).arg(out);
     }
-    // SAFETY: gemv_one_row3(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2): x is k floats; each
+    // SAFETY: gemv_one_row3_c<cpw>(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2): cpw is 1,
+    // 2, 4 or 8 and the grid covers ceil(n / cpw) warps per matrix; x is k floats; each
     // used w is n * k 16-bit elements (shapes checked) and its o n floats, all allocations
     // alive until this stream ran them (weights borrowed, outputs returned); unused matrices
     // have n = 0 and are never touched; k % 8 == 0 with 256-byte aligned allocations.
@@ -181,19 +187,32 @@ fn gemv(
     let dt = dtype_code(w.dtype);
     if x.rows == 1 && w.dtype != Dtype::F32 && x.cols % 8 == 0 {
         let bf = i32::from(w.dtype == Dtype::BF16);
+        let cpw = be.one_row_columns(MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM, |c| {
+            w.rows.div_ceil(c)
+        });
+        let warps = w.rows.div_ceil(cpw as usize);
         let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(GEMV_WARPS), 1, 1),
+            grid_dim: (
+                grid_dim(
+                    "linear",
+                    warps.div_ceil(GEMV_WARPS as usize),
+                    "blocks of columns",
+                )?,
+                1,
+                1,
+            ),
             block_dim: (32 * GEMV_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = be.dev.launch(Kernel::GemvOneRow);
+        let mut l = be.dev.launch(Kernel::gemv_one_row(cpw));
         l.arg(&x.data)
             .arg(&k)
             .arg(&w.data)
             .arg(&bf)
             .arg(&n)
             .arg(&mut out.data);
-        // SAFETY: gemv_one_row(x, k, w, bf, n, out): x is k floats, w n * k 16-bit elements,
+        // SAFETY: gemv_one_row_c<cpw>(x, k, w, bf, n, out): cpw is 1, 2, 4 or 8 and the grid
+        // covers ceil(n / cpw) warps; x is k floats, w n * k 16-bit elements,
         // out n floats; k % 8 == 0 and the allocations are 256-byte aligned, so every row and
         // x take 16-byte loads.
         unsafe { l.launch(cfg) }.map_err(dev_err("linear"))?;

@@ -38,6 +38,8 @@ pub struct CudaBackend {
     /// Small host metadata uploaded recently, by content: a step's positions, KV slots and
     /// block tables are the same for every layer, so each is uploaded once per step.
     uploads: Arc<Mutex<Vec<Upload>>>,
+    /// Columns per warp of the one-token kernels, when forced (see `with_one_row_columns`).
+    one_row_columns: Option<u32>,
 }
 
 /// Host values and the device buffer they were uploaded to.
@@ -48,6 +50,13 @@ pub(crate) type Uploaded = Arc<CudaSlice<u32>>;
 
 /// Recent uploads kept for reuse.
 const UPLOAD_CACHE: usize = 16;
+
+/// The most columns a warp of the one-token kernels computes (kernels/common.cuh:
+/// `STREAM_LOADS`, one 16-byte load per lane and row in a chunk).
+pub(super) const MAX_ONE_ROW_COLUMNS: u32 = 8;
+
+/// Warps per SM the one-token matrix-vector kernels aim for: two blocks of eight.
+pub(super) const ONE_ROW_WARPS_PER_SM: usize = 16;
 
 /// A weight in VRAM: matrices in the backend's weight type, vectors (`[1, n]`: norms, biases)
 /// in f32.
@@ -170,7 +179,39 @@ impl CudaBackend {
             weight_dtype,
             poison: false,
             uploads: Arc::new(Mutex::new(Vec::new())),
+            one_row_columns: None,
         })
+    }
+
+    /// The same backend with the one-token matrix-vector kernels computing `columns` (1, 2, 4
+    /// or 8; rounded down to one of them) columns per warp wherever their shape allows it,
+    /// instead of the number chosen from the matrix and the device (for tests: small shapes
+    /// would always get one).
+    pub fn with_one_row_columns(mut self, columns: u32) -> CudaBackend {
+        let c = columns.clamp(1, MAX_ONE_ROW_COLUMNS);
+        self.one_row_columns = Some(1 << (31 - c.leading_zeros()));
+        self
+    }
+
+    /// Columns per warp for a one-token kernel (a power of two up to `max`): the most that
+    /// still gives every SM `per_sm` units of work (warps or blocks, `units(columns)` of them
+    /// in all), so that a large matrix reads each lane's x once for more rows and a small one
+    /// keeps every SM busy.
+    pub(super) fn one_row_columns(
+        &self,
+        max: u32,
+        per_sm: usize,
+        units: impl Fn(usize) -> usize,
+    ) -> u32 {
+        if let Some(c) = self.one_row_columns {
+            return c.min(max);
+        }
+        let want = per_sm * self.dev.info().multiprocessors as usize;
+        let mut c = max;
+        while c > 1 && units(c as usize) < want {
+            c /= 2;
+        }
+        c
     }
 
     /// The same backend, filling every new activation with NaN before an op writes it, so a
