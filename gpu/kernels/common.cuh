@@ -220,16 +220,21 @@ __device__ __forceinline__ void stream_dot(const uint4 (&q)[R][L], int bf, const
     }
 }
 
+// The first chunk's loads of dot_stream (into `a`, for dot_stream_from).
 template <int R, int L>
-__device__ __forceinline__ void dot_stream(const u16* const (&w)[R], int bf, const float* x, int k,
-                                           float (&acc)[R]) {
+__device__ __forceinline__ void stream_first(uint4 (&a)[R][L], const u16* const (&w)[R], int k) {
+    stream_load<R, L>(a, w, (threadIdx.x & 31) * 8, k);
+}
+
+// dot_stream once the first chunk was requested into `a` (stream_first) and x is ready.
+template <int R, int L>
+__device__ __forceinline__ void dot_stream_from(uint4 (&a)[R][L], const u16* const (&w)[R], int bf,
+                                                const float* x, int k, float (&acc)[R]) {
     const int lane8 = (threadIdx.x & 31) * 8;
     constexpr int CH = 256 * L;
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
-    uint4 a[R][L], b[R][L];
-    stream_load<R, L>(a, w, lane8, k);
-    pdl_wait();
+    uint4 b[R][L];
     for (int c0 = 0; c0 < k; c0 += 2 * CH) {
         stream_load<R, L>(b, w, c0 + CH + lane8, k);
         stream_dot<R, L>(a, bf, x, c0 + lane8, k, acc);
@@ -237,6 +242,15 @@ __device__ __forceinline__ void dot_stream(const u16* const (&w)[R], int bf, con
         stream_load<R, L>(a, w, c0 + 2 * CH + lane8, k);
         stream_dot<R, L>(b, bf, x, c0 + CH + lane8, k, acc);
     }
+}
+
+template <int R, int L>
+__device__ __forceinline__ void dot_stream(const u16* const (&w)[R], int bf, const float* x, int k,
+                                           float (&acc)[R]) {
+    uint4 a[R][L];
+    stream_first<R, L>(a, w, k);
+    pdl_wait();
+    dot_stream_from<R, L>(a, w, bf, x, k, acc);
 }
 
 // Loads of 16 bytes per lane and chunk in the one-row kernels: R * L (see dot_stream).
@@ -265,11 +279,17 @@ __device__ __forceinline__ float lane_value(const float* v) {
 // the last read the last again), streamed by one warp (see dot_stream): lane c gets row
 // c0 + c's total.
 template <int C>
+__device__ __forceinline__ void column_rows(const u16* w, int n, int c0, int k,
+                                            const u16* (&rows)[C]) {
+#pragma unroll
+    for (int c = 0; c < C; c++) rows[c] = w + (long long)min(c0 + c, n - 1) * k;
+}
+
+template <int C>
 __device__ __forceinline__ float rows_dot(const u16* w, int n, int c0, int bf, const float* x,
                                           int k) {
     const u16* rows[C];
-#pragma unroll
-    for (int c = 0; c < C; c++) rows[c] = w + (long long)min(c0 + c, n - 1) * k;
+    column_rows<C>(w, n, c0, k, rows);
     float acc[C];
     dot_stream<C, STREAM_LOADS / C>(rows, bf, x, k, acc);
     warp_sums<C>(acc);

@@ -48,23 +48,84 @@ __device__ __forceinline__ void gemv_one_row(const float* x, int k, const u16* w
     if (c0 < n) gemv_cols<C>(x, k, w, bf, n, c0, out);
 }
 
+// The matrix (w, n, o) and first column c0 of column group g among up to three matrices
+// (ceil(n / C) groups each, in order); false when g lies past them.
+template <int C>
+__device__ __forceinline__ bool column_group(int g, const u16* w0, int n0, float* o0,
+                                             const u16* w1, int n1, float* o1, const u16* w2,
+                                             int n2, float* o2, const u16*& w, int& n, float*& o,
+                                             int& c0) {
+    const int g0 = (n0 + C - 1) / C, g1 = (n1 + C - 1) / C, g2 = (n2 + C - 1) / C;
+    if (g < g0) {
+        w = w0, n = n0, o = o0;
+    } else if ((g -= g0) < g1) {
+        w = w1, n = n1, o = o1;
+    } else if ((g -= g1) < g2) {
+        w = w2, n = n2, o = o2;
+    } else {
+        return false;
+    }
+    c0 = g * C;
+    return true;
+}
+
 // The same for up to three matrices of one x in one launch (a layer's q, k and v): warp g
-// takes group g of their column groups (ceil(n / C) per matrix); an unused matrix has n = 0.
+// takes group g of their column groups (see column_group); an unused matrix has n = 0.
 // grid ceil(groups / 8) blocks of 256 threads; gemv_one_row3_c<C>.
 template <int C>
 __device__ __forceinline__ void gemv_one_row3(const float* x, int k, int bf, const u16* w0, int n0,
                                               float* o0, const u16* w1, int n1, float* o1,
                                               const u16* w2, int n2, float* o2) {
     pdl_launch_next();  // waits in dot_stream, after its first weight loads
-    int g = blockIdx.x * 8 + (threadIdx.x >> 5);
-    const int g0 = (n0 + C - 1) / C, g1 = (n1 + C - 1) / C, g2 = (n2 + C - 1) / C;
-    if (g < g0) {
-        gemv_cols<C>(x, k, w0, bf, n0, g * C, o0);
-    } else if ((g -= g0) < g1) {
-        gemv_cols<C>(x, k, w1, bf, n1, g * C, o1);
-    } else if ((g -= g1) < g2) {
-        gemv_cols<C>(x, k, w2, bf, n2, g * C, o2);
+    const u16* w;
+    int n, c0;
+    float* o;
+    if (column_group<C>(blockIdx.x * 8 + (threadIdx.x >> 5), w0, n0, o0, w1, n1, o1, w2, n2, o2,
+                        w, n, o, c0)) {
+        gemv_cols<C>(x, k, w, bf, n, c0, o);
     }
+}
+
+// gemv_one_row3 of the normed residual stream: s = x + delta (x where delta is null), h =
+// nw * (s * rsqrt(mean(s²) + eps)) as add_rms_norm computes it, then h's products, in one
+// launch. Every block norms the row into shared memory (k floats, dynamic) while its warps'
+// first weight chunks are in flight; block 0 also writes s to x_sum (unless null; never x
+// itself, which the other blocks still read) and h. k % 4 == 0 and k <= 4 * NORM_VEC * 256
+// (the norm's vector path). gemv_norm_one_row3_c<C>.
+template <int C>
+__device__ __forceinline__ void gemv_norm_one_row3(
+    const float* x, const float* delta, const float* nw, float eps, float* x_sum, float* h, int k,
+    int bf, const u16* w0, int n0, float* o0, const u16* w1, int n1, float* o1, const u16* w2,
+    int n2, float* o2) {
+    pdl_launch_next();
+    extern __shared__ float4 xs4[];
+    float* xs = (float*)xs4;
+    constexpr int L = STREAM_LOADS / C;
+    const u16* w = nullptr;
+    int n = 0, c0 = 0;
+    float* o = nullptr;
+    const bool live = column_group<C>(blockIdx.x * 8 + (threadIdx.x >> 5), w0, n0, o0, w1, n1, o1,
+                                      w2, n2, o2, w, n, o, c0);
+    const u16* rows[C];
+    uint4 a[C][L];
+    if (live) {
+        column_rows<C>(w, n, c0, k, rows);
+        stream_first<C, L>(a, rows, k);
+    }
+    pdl_wait();
+    const bool first = blockIdx.x == 0;
+    rms_group(x, delta, first ? x_sum : nullptr, nw, k, eps, xs);
+    __syncthreads();
+    if (first) {
+        for (int i = threadIdx.x; i < k; i += blockDim.x) h[i] = xs[i];
+    }
+    if (!live) return;
+    float acc[C];
+    dot_stream_from<C, L>(a, rows, bf, xs, k, acc);
+    warp_sums<C>(acc);
+    const float v = lane_value<C>(acc);
+    const int lane = threadIdx.x & 31;
+    if (lane < C && c0 + lane < n) o[c0 + lane] = v;
 }
 
 #define GEMV_ONE_ROW(C)                                                                        \
@@ -76,6 +137,13 @@ __device__ __forceinline__ void gemv_one_row3(const float* x, int k, int bf, con
         const float* x, int k, int bf, const u16* w0, int n0, float* o0, const u16* w1, int n1,  \
         float* o1, const u16* w2, int n2, float* o2) {                                         \
         gemv_one_row3<C>(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2);                        \
+    }                                                                                          \
+    extern "C" __global__ void gemv_norm_one_row3_c##C(                                        \
+        const float* x, const float* delta, const float* nw, float eps, float* x_sum, float* h, \
+        int k, int bf, const u16* w0, int n0, float* o0, const u16* w1, int n1, float* o1,      \
+        const u16* w2, int n2, float* o2) {                                                    \
+        gemv_norm_one_row3<C>(x, delta, nw, eps, x_sum, h, k, bf, w0, n0, o0, w1, n1, o1, w2,  \
+                              n2, o2);                                                         \
     }
 GEMV_ONE_ROW(1)
 GEMV_ONE_ROW(2)

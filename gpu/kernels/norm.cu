@@ -4,14 +4,16 @@
 // Values a thread keeps in registers (as float4) on the vector path.
 #define NORM_VEC 4
 
-// x (+= delta when delta is not null), then out = w * (x * rsqrt(mean(x²) + eps)).
+// s = x + delta (x when delta is null), stored to x_sum when that is not null (which may be
+// x itself), then out = w * (s * rsqrt(mean(s²) + eps)).
 // Vector path (g % 4 == 0, 16-byte aligned, g <= 4 * NORM_VEC * blockDim.x): x is read once
 // into registers with all loads in flight. Otherwise a grid-stride loop reading x twice.
-__device__ void rms_group(float* x, const float* delta, const float* w, int g, float eps,
-                          float* out) {
+__device__ void rms_group(const float* x, const float* delta, float* x_sum, const float* w, int g,
+                          float eps, float* out) {
     __shared__ double partial[32];
-    const bool vec = (g & 3) == 0 && g <= 4 * NORM_VEC * (int)blockDim.x &&
-                     ((((u64)x) | ((u64)w) | ((u64)out) | ((u64)delta)) & 15) == 0;
+    const bool vec =
+        (g & 3) == 0 && g <= 4 * NORM_VEC * (int)blockDim.x &&
+        ((((u64)x) | ((u64)w) | ((u64)out) | ((u64)delta) | ((u64)x_sum)) & 15) == 0;
     float4 xv[NORM_VEC];
     double s = 0.0;
     if (vec) {
@@ -30,7 +32,7 @@ __device__ void rms_group(float* x, const float* delta, const float* w, int g, f
                     xv[j].y += d.y;
                     xv[j].z += d.z;
                     xv[j].w += d.w;
-                    *(float4*)(x + i) = xv[j];
+                    if (x_sum != nullptr) *(float4*)(x_sum + i) = xv[j];
                 }
             }
         }
@@ -43,13 +45,11 @@ __device__ void rms_group(float* x, const float* delta, const float* w, int g, f
             }
         }
     } else {
-        if (delta != nullptr) {
-            for (int i = threadIdx.x; i < g; i += blockDim.x) x[i] += delta[i];
-            __syncthreads();
-        }
+        // Each thread reads and writes only its own elements.
         for (int i = threadIdx.x; i < g; i += blockDim.x) {
-            double v = x[i];
-            s += v * v;
+            const float v = delta != nullptr ? x[i] + delta[i] : x[i];
+            if (x_sum != nullptr) x_sum[i] = v;
+            s += (double)v * v;
         }
     }
     float mean = (float)(block_sum_d(s, partial) / g);
@@ -68,7 +68,11 @@ __device__ void rms_group(float* x, const float* delta, const float* w, int g, f
             }
         }
     } else {
-        for (int i = threadIdx.x; i < g; i += blockDim.x) out[i] = w[i] * (x[i] * r);
+        // x_sum (possibly x itself) holds this thread's sums already.
+        for (int i = threadIdx.x; i < g; i += blockDim.x) {
+            const float v = x_sum != nullptr ? x_sum[i] : delta != nullptr ? x[i] + delta[i] : x[i];
+            out[i] = w[i] * (v * r);
+        }
     }
 }
 
@@ -78,7 +82,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
     pdl_launch_next();
     pdl_wait();
     long long off = (long long)blockIdx.x * g;
-    rms_group((float*)x + off, nullptr, w, g, eps, out + off);
+    rms_group(x + off, nullptr, nullptr, w, g, eps, out + off);
 }
 
 // x += delta, then out = rms_norm(x). Each block owns its group, so the add is race-free.
@@ -87,5 +91,5 @@ extern "C" __global__ void add_rms_norm(float* x, const float* delta, const floa
     pdl_launch_next();
     pdl_wait();
     long long off = (long long)blockIdx.x * g;
-    rms_group(x + off, delta == nullptr ? nullptr : delta + off, w, g, eps, out + off);
+    rms_group(x + off, delta == nullptr ? nullptr : delta + off, x + off, w, g, eps, out + off);
 }

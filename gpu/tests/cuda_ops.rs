@@ -778,6 +778,92 @@ fn one_row_products_match_for_every_column_count() {
     }
 }
 
+/// The norm computed inside the products' launch (one row, up to 4096 wide) against the CPU's
+/// add_rms_norm (or rms_norm) then linears: the products, the normed row and the residual
+/// stream; wider rows, two rows and an f32 matrix take the ops one after another.
+#[test]
+fn norm_linears_match_the_ops() {
+    for dtype in [Dtype::BF16, Dtype::F16] {
+        let Some((cpu, _)) = backends(dtype) else {
+            return;
+        };
+        let mut rng = Rng(14);
+        for (m, k, with_delta) in [
+            (1, 64, true),
+            (1, 2056, false),
+            (1, 4096, true),
+            (1, 4104, true),
+            (2, 64, true),
+        ] {
+            let x = rng.matrix(m, k, 1.0);
+            let delta = rng.matrix(m, k, 0.5);
+            let norm = HostMatrix::new(1, k, rng.matrix(1, k, 1.0).data).unwrap();
+            let ws: Vec<HostMatrix> = [37, 24, 9]
+                .iter()
+                .map(|&n| rng.weight(n, k, dtype))
+                .collect();
+            let bias = rng.matrix(1, 24, 1.0);
+            let mut want_x = x.clone();
+            let want_h = if with_delta {
+                cpu.add_rms_norm(&mut want_x, &delta, &norm, 1e-6).unwrap()
+            } else {
+                cpu.rms_norm(&want_x, &norm, 1e-6).unwrap()
+            };
+            for (c, gpu) in one_row_backends(dtype) {
+                let what = format!(
+                    "norm_linears {dtype:?} [{m},{k}] delta {with_delta}, {c} columns per warp"
+                );
+                let mut gx = gpu.upload_act(x.clone()).unwrap();
+                let gd = gpu.upload_act(delta.clone()).unwrap();
+                let gn = gpu.upload(norm.clone()).unwrap();
+                let gws: Vec<_> = ws.iter().map(|w| gpu.upload(w.clone()).unwrap()).collect();
+                let gb = gpu.upload(bias.clone()).unwrap();
+                for count in 1..=3 {
+                    let pairs: Vec<_> = gws
+                        .iter()
+                        .take(count)
+                        .enumerate()
+                        .map(|(i, w)| (w, (i == 1).then_some(&gb)))
+                        .collect();
+                    let mut gx2 = gpu.upload_act(x.clone()).unwrap();
+                    let (h, outs) = gpu
+                        .norm_linears(&mut gx2, with_delta.then_some(&gd), (&gn, 1e-6), &pairs)
+                        .unwrap();
+                    close(
+                        &format!("{what}: h"),
+                        &gpu.download(&h).unwrap(),
+                        &want_h,
+                        F32_TOL,
+                    );
+                    close(
+                        &format!("{what}: x"),
+                        &gpu.download(&gx2).unwrap(),
+                        &want_x,
+                        F32_TOL,
+                    );
+                    assert_eq!(outs.len(), count, "{what}");
+                    for (i, o) in outs.iter().enumerate() {
+                        let want = cpu
+                            .linear(&want_h, &ws[i], (i == 1).then_some(&bias))
+                            .unwrap();
+                        close(
+                            &format!("{what} #{i}"),
+                            &gpu.download(o).unwrap(),
+                            &want,
+                            F32_TOL,
+                        );
+                    }
+                }
+                // A weight of the wrong width is an error.
+                let wrong = gpu.upload(rng.weight(4, k + 8, dtype)).unwrap();
+                assert!(gpu
+                    .norm_linears(&mut gx, Some(&gd), (&gn, 1e-6), &[(&wrong, None)])
+                    .is_err());
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_linears_match_one_by_one() {
     for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {

@@ -384,6 +384,25 @@ pub trait Backend: std::fmt::Debug {
         weights.iter().map(|&(w, b)| self.linear(x, w, b)).collect()
     }
 
+    /// `x += delta` (where given), `h` = [`Backend::rms_norm`] of `x` by `norm`, then
+    /// [`Backend::linears`] of `h`: returns `h` and the products. The same numbers as the three
+    /// ops one after another (the default); a backend may compute the norm inside the
+    /// products' launch.
+    fn norm_linears(
+        &self,
+        x: &mut Self::Act,
+        delta: Option<&Self::Act>,
+        (norm, eps): (&Self::Weight, f32),
+        weights: &[(&Self::Weight, Option<&Self::Weight>)],
+    ) -> Result<(Self::Act, Vec<Self::Act>), BackendError> {
+        let h = match delta {
+            Some(d) => self.add_rms_norm(x, d, norm, eps)?,
+            None => self.rms_norm(x, norm, eps)?,
+        };
+        let out = self.linears(&h, weights)?;
+        Ok((h, out))
+    }
+
     /// Clamps every element to `[-limit, limit]`.
     fn clamp(&self, x: &mut Self::Act, limit: f32) -> Result<(), BackendError>;
 

@@ -17,11 +17,12 @@ pub(super) struct LayerContext<'a, B: Backend> {
 }
 
 impl<B: Backend> LayerContext<'_, B> {
-    /// Attention on the normed `h` (one row per token of the step), caching this step's keys
-    /// and values at `slots`; `plan` carries this layer's sliding window.
+    /// Attention on the residual stream `x` (one row per token of the step) after adding
+    /// `delta` to it (where given) and norming it by `norm` (the layer's input norm), caching
+    /// this step's keys and values at `slots`; `plan` carries this layer's sliding window.
     pub fn run(
         &self,
-        h: &B::Act,
+        (x, delta, norm): (&mut B::Act, Option<B::Act>, &B::Weight),
         pool: &mut B::KvPool,
         positions: &[usize],
         slots: &[usize],
@@ -34,16 +35,15 @@ impl<B: Backend> LayerContext<'_, B> {
             (&a.k, a.k_bias.as_ref()),
             (&a.v, a.v_bias.as_ref()),
         ];
-        let [q, k, v]: [B::Act; 3] =
-            b.linears(h, &qkv)
-                .map_err(err)?
-                .try_into()
-                .map_err(|got: Vec<B::Act>| {
-                    err(crate::backend::BackendError::Shape {
-                        op: "linears",
-                        detail: format!("{} results for 3 weights", got.len()),
-                    })
-                })?;
+        let (_, qkv) = b
+            .norm_linears(x, delta.as_ref(), (norm, spec.rms_norm_eps), &qkv)
+            .map_err(err)?;
+        let [q, k, v]: [B::Act; 3] = qkv.try_into().map_err(|got: Vec<B::Act>| {
+            err(crate::backend::BackendError::Shape {
+                op: "linears",
+                detail: format!("{} results for 3 weights", got.len()),
+            })
+        })?;
         // OLMoE's norm spans the whole projection, Qwen3's each head: the weight's width
         // (q_dim or head_dim) tells the backend which. transformers' OLMoE clamps after the
         // q/k norm, and v too.

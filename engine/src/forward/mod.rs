@@ -427,14 +427,10 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
         let mut x = b
             .embed(&w.embed, &step.ids)
             .map_err(EngineError::op("embed"))?;
-        let mut h = match w.layers.first() {
-            Some(l0) => b
-                .rms_norm(&x, &l0.input_norm, eps)
-                .map_err(EngineError::at(0, "input norm"))?,
-            None => b
-                .rms_norm(&x, &w.final_norm, eps)
-                .map_err(EngineError::op("final norm"))?,
-        };
+        // The last layer's MLP output, not yet added to the residual stream x: the next op that
+        // reads the normed stream adds it (fused with the norm, and where the backend can, with
+        // the products that follow).
+        let mut pending: Option<B::Act> = None;
         for (i, lw) in w.layers.iter().enumerate() {
             let layer = attention::LayerContext {
                 backend: b,
@@ -444,22 +440,34 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                 weights: &lw.attn,
             };
             step.plan.sliding_window = spec.layers[i].sliding_window;
-            let attn = layer.run(&h, pool, &step.positions, &step.slots, &step.plan)?;
-            let h2 = b
-                .add_rms_norm(&mut x, &attn, &lw.post_attention_norm, eps)
-                .map_err(EngineError::at(i, "post-attention norm"))?;
+            let input = (&mut x, pending.take(), &lw.input_norm);
+            let attn = layer.run(input, pool, &step.positions, &step.slots, &step.plan)?;
             let on_device = tables
                 .as_ref()
                 .and_then(|t| t.get(i))
                 .and_then(Option::as_ref);
+            let post_norm = (&lw.post_attention_norm, eps);
             let mlp = match (&lw.mlp, on_device, log.as_mut()) {
-                (MlpWeights::Dense(m), _, _) => moe::swiglu_mlp(b, &h2, m, i)?,
                 (MlpWeights::Moe { router, shared }, Some(table), Some((log, routed))) => {
                     routed.push(i);
                     let entry = routed.len() - 1;
-                    moe::moe_on_device(b, i, &h2, router, table, shared.as_ref(), (log, entry))?
+                    let moe = moe::DeviceMoe {
+                        router,
+                        table,
+                        shared: shared.as_ref(),
+                    };
+                    moe::moe_on_device(b, i, (&mut x, &attn, post_norm), &moe, (log, entry))?
+                }
+                (MlpWeights::Dense(m), _, _) => {
+                    let h2 = b
+                        .add_rms_norm(&mut x, &attn, post_norm.0, eps)
+                        .map_err(EngineError::at(i, "post-attention norm"))?;
+                    moe::swiglu_mlp(b, &h2, m, i)?
                 }
                 (MlpWeights::Moe { router, shared }, _, _) => {
+                    let h2 = b
+                        .add_rms_norm(&mut x, &attn, post_norm.0, eps)
+                        .map_err(EngineError::at(i, "post-attention norm"))?;
                     let routing = moe::route(b, &spec.moe, i, &h2, router)?;
                     prefetch.routed(i, &moe::chosen_experts(&routing));
                     let next =
@@ -489,11 +497,13 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                     )?
                 }
             };
-            let next_norm = w.layers.get(i + 1).map_or(&w.final_norm, |n| &n.input_norm);
-            h = b
-                .add_rms_norm(&mut x, &mlp, next_norm, eps)
-                .map_err(EngineError::at(i, "residual norm"))?;
+            pending = Some(mlp);
         }
+        let h = match &pending {
+            Some(mlp) => b.add_rms_norm(&mut x, mlp, &w.final_norm, eps),
+            None => b.rms_norm(&x, &w.final_norm, eps),
+        }
+        .map_err(EngineError::op("final norm"))?;
         let logits = self.logits(batch, &step, &h)?;
         if let Some((log, routed)) = log {
             self.account_routing(&log, &routed)?;

@@ -215,23 +215,38 @@ pub(super) fn check_routing(
     Ok(())
 }
 
-/// The MoE block of `layer` routed on the device: router, then every selected expert from
-/// `table`, the decision kept in `log` at its entry; plus the gated shared expert.
+/// A MoE layer whose experts are all on the device: its router, their table, its shared expert.
+pub(super) struct DeviceMoe<'a, B: Backend> {
+    pub(super) router: &'a B::Weight,
+    pub(super) table: &'a B::ExpertTable,
+    pub(super) shared: Option<&'a SharedExpertWeights<B::Weight>>,
+}
+
+/// The MoE block of `layer` routed on the device, on the residual stream `x` after adding
+/// `attn` and norming it (the post-attention norm, fused with the router's product): router,
+/// then every selected expert from the table, the decision kept in `log` at its entry; plus
+/// the gated shared expert.
 pub(super) fn moe_on_device<B: Backend>(
     backend: &B,
     layer: usize,
-    h: &B::Act,
-    router: &B::Weight,
-    table: &B::ExpertTable,
-    shared: Option<&SharedExpertWeights<B::Weight>>,
+    (x, attn, norm): (&mut B::Act, &B::Act, (&B::Weight, f32)),
+    moe: &DeviceMoe<'_, B>,
     (log, entry): (&mut B::RoutingLog, usize),
 ) -> Result<B::Act, EngineError> {
     let err = EngineError::at(layer, "router");
-    let logits = backend.linear(h, router, None).map_err(err)?;
+    let (h, logits) = backend
+        .norm_linears(x, Some(attn), norm, &[(moe.router, None)])
+        .map_err(err)?;
+    let logits = logits.into_iter().next().ok_or_else(|| {
+        err(crate::backend::BackendError::Shape {
+            op: "norm_linears",
+            detail: "no result for the router".into(),
+        })
+    })?;
     let mut out = backend
-        .route_experts(&logits, table, h, log, entry)
+        .route_experts(&logits, moe.table, &h, log, entry)
         .map_err(EngineError::at(layer, "experts"))?;
-    add_shared(backend, layer, h, shared, &mut out)?;
+    add_shared(backend, layer, &h, moe.shared, &mut out)?;
     Ok(out)
 }
 

@@ -67,11 +67,15 @@ pub(crate) enum Kernel {
     ExpertsDownCombineOneRowC2,
     ExpertsDownCombineOneRowC4,
     ExpertsDownCombineOneRowC8,
+    GemvNormOneRow3C1,
+    GemvNormOneRow3C2,
+    GemvNormOneRow3C4,
+    GemvNormOneRow3C8,
 }
 
 impl Kernel {
     /// All of them, in discriminant order.
-    pub(crate) const ALL: [Kernel; 35] = [
+    pub(crate) const ALL: [Kernel; 39] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::AddRmsNorm,
@@ -107,6 +111,10 @@ impl Kernel {
         Kernel::ExpertsDownCombineOneRowC2,
         Kernel::ExpertsDownCombineOneRowC4,
         Kernel::ExpertsDownCombineOneRowC8,
+        Kernel::GemvNormOneRow3C1,
+        Kernel::GemvNormOneRow3C2,
+        Kernel::GemvNormOneRow3C4,
+        Kernel::GemvNormOneRow3C8,
     ];
 
     /// `gemv_one_row_c<C>` for `c` columns per warp (the largest it is built for, not above `c`).
@@ -126,6 +134,17 @@ impl Kernel {
             4..=7 => Kernel::GemvOneRow3C4,
             2..=3 => Kernel::GemvOneRow3C2,
             _ => Kernel::GemvOneRow3C1,
+        }
+    }
+
+    /// `gemv_norm_one_row3_c<C>` for `c` columns per warp (the largest it is built for, not
+    /// above `c`).
+    pub(crate) fn gemv_norm_one_row3(c: u32) -> Kernel {
+        match c {
+            8.. => Kernel::GemvNormOneRow3C8,
+            4..=7 => Kernel::GemvNormOneRow3C4,
+            2..=3 => Kernel::GemvNormOneRow3C2,
+            _ => Kernel::GemvNormOneRow3C1,
         }
     }
 
@@ -186,6 +205,10 @@ impl Kernel {
             Kernel::ExpertsDownCombineOneRowC2 => "experts_down_combine_one_row_c2",
             Kernel::ExpertsDownCombineOneRowC4 => "experts_down_combine_one_row_c4",
             Kernel::ExpertsDownCombineOneRowC8 => "experts_down_combine_one_row_c8",
+            Kernel::GemvNormOneRow3C1 => "gemv_norm_one_row3_c1",
+            Kernel::GemvNormOneRow3C2 => "gemv_norm_one_row3_c2",
+            Kernel::GemvNormOneRow3C4 => "gemv_norm_one_row3_c4",
+            Kernel::GemvNormOneRow3C8 => "gemv_norm_one_row3_c8",
         }
     }
 }

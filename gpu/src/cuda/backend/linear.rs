@@ -12,7 +12,7 @@ use std::ffi::c_void;
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
-use tileflow_engine::backend::{check, BackendError};
+use tileflow_engine::backend::{check, Backend, BackendError};
 use tileflow_engine::dtype::Dtype;
 
 use super::{
@@ -104,73 +104,173 @@ pub(super) fn linears(
     x: &CudaAct,
     weights: &[(&CudaWeight, Option<&CudaWeight>)],
 ) -> Result<Vec<CudaAct>, BackendError> {
-    let fused = x.rows == 1
+    if !one_row3(x, weights) {
+        return weights.iter().map(|&(w, b)| linear(be, x, w, b)).collect();
+    }
+    let plan = OneRow3::new(be, x, weights, 0)?;
+    let (k, bf) = (int("linear", x.cols)?, plan.bf);
+    let mut l = be.dev.launch(Kernel::gemv_one_row3(plan.cpw));
+    l.arg(&x.data).arg(&k).arg(&bf);
+    for (w, n, out) in &plan.args {
+        l.arg(w).arg(n).arg(out);
+    }
+    // SAFETY: gemv_one_row3_c<cpw>(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2): see
+    // OneRow3; x is k floats.
+    unsafe { l.launch(plan.cfg) }.map_err(dev_err("linear"))?;
+    plan.finish(be, weights)
+}
+
+/// The longest row [`norm_linears`] norms inside its launch (kernels/norm.cu: the vector
+/// path of a 256-thread block).
+const NORM_FUSED_MAX: usize = 4096;
+
+/// [`tileflow_engine::backend::Backend::norm_linears`]: for one row of x (up to
+/// NORM_FUSED_MAX wide, a norm over the whole row) and up to three 16-bit matrices, one launch
+/// of `gemv_norm_one_row3`; otherwise the norm, then [`linears`].
+pub(super) fn norm_linears(
+    be: &CudaBackend,
+    x: &mut CudaAct,
+    delta: Option<&CudaAct>,
+    (norm, eps): (&CudaWeight, f32),
+    weights: &[(&CudaWeight, Option<&CudaWeight>)],
+) -> Result<(CudaAct, Vec<CudaAct>), BackendError> {
+    const OP: &str = "norm_linears";
+    let fused = one_row3(x, weights)
+        && x.cols <= NORM_FUSED_MAX
+        && norm.dtype == Dtype::F32
+        && norm.rows * norm.cols == x.cols
+        && delta.is_none_or(|d| (d.rows, d.cols) == (x.rows, x.cols));
+    if !fused {
+        let h = match delta {
+            Some(d) => be.add_rms_norm(x, d, norm, eps)?,
+            None => be.rms_norm(x, norm, eps)?,
+        };
+        let out = linears(be, &h, weights)?;
+        return Ok((h, out));
+    }
+    let k = x.cols;
+    let plan = OneRow3::new(be, x, weights, k * size_of::<f32>())?;
+    let mut h = be.alloc_act(OP, 1, k)?;
+    let mut sum = delta.map(|_| be.alloc_act(OP, 1, k)).transpose()?;
+    let (ki, bf, null) = (int(OP, k)?, plan.bf, 0u64);
+    let mut l = be.dev.launch(Kernel::gemv_norm_one_row3(plan.cpw));
+    l.arg(&x.data);
+    match delta {
+        Some(d) => l.arg(&d.data),
+        None => l.arg(&null),
+    };
+    l.arg(&norm.data).arg(&eps);
+    match sum.as_mut() {
+        Some(s) => l.arg(&mut s.data),
+        None => l.arg(&null),
+    };
+    l.arg(&mut h.data).arg(&ki).arg(&bf);
+    for (w, n, out) in &plan.args {
+        l.arg(w).arg(n).arg(out);
+    }
+    // SAFETY: gemv_norm_one_row3_c<cpw>(x, delta, nw, eps, x_sum, h, k, bf, w0, n0, o0, w1,
+    // n1, o1, w2, n2, o2): see OneRow3; x, delta (or null), x_sum (or null, a buffer apart
+    // from x) and h are k floats, nw k floats (f32); k % 8 == 0 and k <= NORM_FUSED_MAX for
+    // the norm's vector path; k floats of dynamic shared memory.
+    unsafe { l.launch(plan.cfg) }.map_err(dev_err(OP))?;
+    let outs = plan.finish(be, weights)?;
+    if let Some(s) = sum {
+        *x = s;
+    }
+    Ok((h, outs))
+}
+
+/// Whether one launch of the one-row kernels takes `x` by `weights`: one row (k % 8 == 0)
+/// and one to FUSED_LINEARS 16-bit matrices of one type.
+fn one_row3(x: &CudaAct, weights: &[(&CudaWeight, Option<&CudaWeight>)]) -> bool {
+    x.rows == 1
         && x.cols % 8 == 0
         && (1..=FUSED_LINEARS).contains(&weights.len())
         && weights
             .iter()
-            .all(|(w, _)| w.dtype != Dtype::F32 && w.dtype == weights[0].0.dtype && w.rows > 0);
-    if !fused {
-        return weights.iter().map(|&(w, b)| linear(be, x, w, b)).collect();
-    }
-    for &(w, b) in weights {
-        check_linear(x, w, b)?;
-    }
-    let mut outs = weights
-        .iter()
-        .map(|(w, _)| be.alloc_act("linear", 1, w.rows))
-        .collect::<Result<Vec<_>, _>>()?;
-    let s = &be.dev.compute;
-    // Per matrix: its weights, columns and output (null and 0 where unused).
-    let mut args = [(0u64, 0i32, 0u64); FUSED_LINEARS];
-    for (i, ((w, _), out)) in weights.iter().zip(outs.iter_mut()).enumerate() {
-        args[i] = (
-            w.data.device_ptr(s).0,
-            int("linear", w.rows)?,
-            out.data.device_ptr_mut(s).0,
-        );
-    }
-    let (k, bf) = (
-        int("linear", x.cols)?,
-        i32::from(weights[0].0.dtype == Dtype::BF16),
-    );
-    let groups = |c: usize| {
-        weights
-            .iter()
-            .map(|(w, _)| w.rows.div_ceil(c))
-            .sum::<usize>()
-    };
-    let cpw = be.one_row_columns(MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM, groups);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            grid_dim(
-                "linear",
-                groups(cpw as usize).div_ceil(GEMV_WARPS as usize),
-                "blocks of columns",
-            )?,
-            1,
-            1,
-        ),
-        block_dim: (32 * GEMV_WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut l = be.dev.launch(Kernel::gemv_one_row3(cpw));
-    l.arg(&x.data).arg(&k).arg(&bf);
-    for (w, n, out) in &args {
-        l.arg(w).arg(n).arg(out);
-    }
-    // SAFETY: gemv_one_row3_c<cpw>(x, k, bf, w0, n0, o0, w1, n1, o1, w2, n2, o2): cpw is 1,
-    // 2, 4 or 8 and the grid covers ceil(n / cpw) warps per matrix; x is k floats; each
-    // used w is n * k 16-bit elements (shapes checked) and its o n floats, all allocations
-    // alive until this stream ran them (weights borrowed, outputs returned); unused matrices
-    // have n = 0 and are never touched; k % 8 == 0 with 256-byte aligned allocations.
-    unsafe { l.launch(cfg) }.map_err(dev_err("linear"))?;
-    for (out, (_, b)) in outs.iter_mut().zip(weights) {
-        if let Some(b) = b {
-            add_bias(be, out, b)?;
+            .all(|(w, _)| w.dtype != Dtype::F32 && w.dtype == weights[0].0.dtype && w.rows > 0)
+}
+
+/// A launch of `gemv_one_row3` or `gemv_norm_one_row3` being prepared: per matrix its
+/// weights, columns and output (null and 0 where unused), the columns per warp and the grid.
+/// The kernels read each used w as n * k 16-bit elements (shapes checked here) and write n
+/// floats to its o, all allocations alive until the stream ran them (weights borrowed,
+/// outputs returned); unused matrices have n = 0 and are never touched; cpw is 1, 2, 4 or 8
+/// and the grid covers ceil(n / cpw) warps per matrix; allocations are 256-byte aligned.
+struct OneRow3 {
+    outs: Vec<CudaAct>,
+    args: [(u64, i32, u64); FUSED_LINEARS],
+    bf: i32,
+    cpw: u32,
+    cfg: LaunchConfig,
+}
+
+impl OneRow3 {
+    /// For `weights` accepted by [`one_row3`]; `smem`: dynamic shared memory per block.
+    fn new(
+        be: &CudaBackend,
+        x: &CudaAct,
+        weights: &[(&CudaWeight, Option<&CudaWeight>)],
+        smem: usize,
+    ) -> Result<OneRow3, BackendError> {
+        for &(w, b) in weights {
+            check_linear(x, w, b)?;
         }
+        let mut outs = weights
+            .iter()
+            .map(|(w, _)| be.alloc_act("linear", 1, w.rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        let s = &be.dev.compute;
+        let mut args = [(0u64, 0i32, 0u64); FUSED_LINEARS];
+        for (i, ((w, _), out)) in weights.iter().zip(outs.iter_mut()).enumerate() {
+            args[i] = (
+                w.data.device_ptr(s).0,
+                int("linear", w.rows)?,
+                out.data.device_ptr_mut(s).0,
+            );
+        }
+        let groups = |c: usize| {
+            weights
+                .iter()
+                .map(|(w, _)| w.rows.div_ceil(c))
+                .sum::<usize>()
+        };
+        let cpw = be.one_row_columns(MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM, groups);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_dim(
+                    "linear",
+                    groups(cpw as usize).div_ceil(GEMV_WARPS as usize),
+                    "blocks of columns",
+                )?,
+                1,
+                1,
+            ),
+            block_dim: (32 * GEMV_WARPS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        Ok(OneRow3 {
+            outs,
+            args,
+            bf: i32::from(weights[0].0.dtype == Dtype::BF16),
+            cpw,
+            cfg,
+        })
     }
-    Ok(outs)
+
+    /// The outputs, each with its bias added.
+    fn finish(
+        mut self,
+        be: &CudaBackend,
+        weights: &[(&CudaWeight, Option<&CudaWeight>)],
+    ) -> Result<Vec<CudaAct>, BackendError> {
+        for (out, (_, b)) in self.outs.iter_mut().zip(weights) {
+            if let Some(b) = b {
+                add_bias(be, out, b)?;
+            }
+        }
+        Ok(self.outs)
+    }
 }
 
 fn gemv(

@@ -508,6 +508,16 @@ impl Backend for CudaBackend {
         linear::linears(self, x, weights)
     }
 
+    fn norm_linears(
+        &self,
+        x: &mut CudaAct,
+        delta: Option<&CudaAct>,
+        norm: (&CudaWeight, f32),
+        weights: &[(&CudaWeight, Option<&CudaWeight>)],
+    ) -> Result<(CudaAct, Vec<CudaAct>), BackendError> {
+        linear::norm_linears(self, x, delta, norm, weights)
+    }
+
     fn clamp(&self, x: &mut CudaAct, limit: f32) -> Result<(), BackendError> {
         let n = (x.rows * x.cols) as i64;
         if n == 0 {
