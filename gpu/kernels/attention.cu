@@ -1,9 +1,11 @@
 // Causal (optionally sliding-window) GQA attention over the paged KV pool, one block per
-// (head, row): each warp walks every ATT_WARPS-th visible key with an online softmax, then the
-// warps' partial results are merged. head_dim up to 32 * ATT_DIMS.
+// (head, row): warp w walks the visible keys in groups of ATT_KEYS (groups w, w + ATT_WARPS,
+// ...) with an online softmax, then the warps' partial results are merged. head_dim up to
+// 32 * ATT_DIMS.
 
 #define ATT_WARPS 16
 #define ATT_DIMS 8
+#define ATT_KEYS 4
 
 extern "C" __global__ void attention(const float* q, const float* kpool, const float* vpool,
                                      const u32* pos, const u32* lo, const u32* table_off,
@@ -26,26 +28,46 @@ extern "C" __global__ void attention(const float* q, const float* kpool, const f
     float m = -INFINITY, l = 0.0f;
     const u32 p = pos[row];
     const u32* blocks = tables + table_off[row];
-    for (u32 j = lo[row] + warp; j <= p; j += ATT_WARPS) {
-        long long slot = (long long)blocks[j / block_size] * block_size + j % block_size;
-        const float* kr = kpool + slot * width + (long long)kvh * hd;
-        const float* vr = vpool + slot * width + (long long)kvh * hd;
-        float s = 0.0f;
+    // ATT_KEYS consecutive keys per warp at a time: their loads all in flight, then one
+    // online-softmax update for the group.
+    for (u32 j0 = lo[row] + warp * ATT_KEYS; j0 <= p; j0 += ATT_WARPS * ATT_KEYS) {
+        float kv[ATT_KEYS][ATT_DIMS], vv[ATT_KEYS][ATT_DIMS], s[ATT_KEYS];
 #pragma unroll
-        for (int i = 0; i < ATT_DIMS; i++) {
-            int d = lane + 32 * i;
-            if (d < hd) s += qv[i] * kr[d];
-        }
-        s = warp_sum(s) * scale;
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn);
-        float e = expf(s - mn);
+        for (int u = 0; u < ATT_KEYS; u++) {
+            const u32 j = j0 + u;
+            const bool live = j <= p;
+            const long long slot =
+                live ? (long long)blocks[j / block_size] * block_size + j % block_size : 0;
+            const float* kr = kpool + slot * width + (long long)kvh * hd;
+            const float* vr = vpool + slot * width + (long long)kvh * hd;
 #pragma unroll
-        for (int i = 0; i < ATT_DIMS; i++) {
-            int d = lane + 32 * i;
-            if (d < hd) acc[i] = acc[i] * corr + e * vr[d];
+            for (int i = 0; i < ATT_DIMS; i++) {
+                const int d = lane + 32 * i;
+                kv[u][i] = live && d < hd ? kr[d] : 0.0f;
+                vv[u][i] = live && d < hd ? vr[d] : 0.0f;
+            }
         }
-        l = l * corr + e;
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < ATT_KEYS; u++) {
+            float t = 0.0f;
+#pragma unroll
+            for (int i = 0; i < ATT_DIMS; i++) t += qv[i] * kv[u][i];
+            t = warp_sum(t) * scale;
+            s[u] = j0 + u <= p ? t : -INFINITY;
+            mn = fmaxf(mn, s[u]);
+        }
+        const float corr = expf(m - mn);
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < ATT_DIMS; i++) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < ATT_KEYS; u++) {
+            const float e = expf(s[u] - mn);
+            l += e;
+#pragma unroll
+            for (int i = 0; i < ATT_DIMS; i++) acc[i] += e * vv[u][i];
+        }
         m = mn;
     }
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];

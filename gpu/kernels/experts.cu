@@ -145,10 +145,11 @@ __device__ __forceinline__ void down_cols(const float* act, int inter, int hidde
 
 // down and the combine in one launch for a one-token step of 16-bit experts: out[c] (+)= the
 // sum over the row's assignments, in its CSR order (ascending expert), of scale[a] *
-// (act[a] · down[c]), added in the order experts_combine adds. A block takes C (1, 2, 4 or 8)
-// columns; warp w computes them for the row's assignments w, w + 8, ... (each its expert's
-// only one: entry a of ptrs), then C threads add them up in order.
-// grid ceil(hidden / C) of 256 threads; at most COMBINE_MAX assignments.
+// (act[a] · down[c]), added in the order experts_combine adds. A block takes groups of C (1,
+// 2, 4 or 8) columns, group blockIdx.x, then every gridDim.x-th after it (the row's lists read
+// once per block); for each, warp w computes them for the row's assignments w, w + 8, ...
+// (each its expert's only one: entry a of ptrs), then C threads add them up in order.
+// grid up to ceil(hidden / C) blocks of 256 threads; at most COMBINE_MAX assignments.
 // experts_down_combine_one_row_c<C>.
 template <int C>
 __device__ __forceinline__ void experts_down_combine_one_row(
@@ -156,23 +157,29 @@ __device__ __forceinline__ void experts_down_combine_one_row(
     const u32* row_starts, const u32* row_assign, float* out, int fresh) {
     pdl_launch_next();
     pdl_wait();
-    __shared__ float y[COMBINE_MAX][C];
-    const int c0 = blockIdx.x * C, warp = threadIdx.x >> 5;
+    // Two buffers: a group's sums are written while the threads of the group before may still
+    // be adding theirs up (one barrier per group).
+    __shared__ float y[2][COMBINE_MAX][C];
+    const int warp = threadIdx.x >> 5;
     const u32 t0 = row_starts[0], n = row_starts[1] - t0;
-    for (u32 t = warp; t < n; t += blockDim.x >> 5) {
-        const u32 a = row_assign[t0 + t];
-        if (a == NO_ASSIGN) continue;
-        down_cols<C>(act + (long long)a * inter, inter, hidden, bf, (const u16*)ptrs[3 * a + 2],
-                     c0, scales[a], y[t]);
+    int buf = 0;
+    for (int c0 = blockIdx.x * C; c0 < hidden; c0 += gridDim.x * C, buf ^= 1) {
+        for (u32 t = warp; t < n; t += blockDim.x >> 5) {
+            const u32 a = row_assign[t0 + t];
+            if (a == NO_ASSIGN) continue;
+            down_cols<C>(act + (long long)a * inter, inter, hidden, bf,
+                         (const u16*)ptrs[3 * a + 2], c0, scales[a], y[buf][t]);
+        }
+        __syncthreads();
+        const int j = threadIdx.x;
+        if (j < C && c0 + j < hidden) {
+            float o = fresh ? 0.0f : out[c0 + j];
+            for (u32 t = 0; t < n; t++) {
+                if (row_assign[t0 + t] != NO_ASSIGN) o += y[buf][t][j];
+            }
+            out[c0 + j] = o;
+        }
     }
-    __syncthreads();
-    const int j = threadIdx.x;
-    if (j >= C || c0 + j >= hidden) return;
-    float o = fresh ? 0.0f : out[c0 + j];
-    for (u32 t = 0; t < n; t++) {
-        if (row_assign[t0 + t] != NO_ASSIGN) o += y[t][j];
-    }
-    out[c0 + j] = o;
 }
 
 #define EXPERTS_DOWN_COMBINE_ONE_ROW(C)                                                        \
