@@ -55,6 +55,9 @@ const UPLOAD_CACHE: usize = 16;
 /// `STREAM_LOADS`, one 16-byte load per lane and row in a chunk).
 pub(super) const MAX_ONE_ROW_COLUMNS: u32 = 8;
 
+/// Logits one block of `logit_summary` summarises (kernels/logits.cu).
+const LOGIT_CHUNK: usize = 4096;
+
 /// Warps per SM the one-token matrix-vector kernels aim for: two blocks of eight.
 pub(super) const ONE_ROW_WARPS_PER_SM: usize = 16;
 
@@ -702,18 +705,30 @@ impl Backend for CudaBackend {
         }
         let rows = grid_dim(OP, logits.rows, "logits rows")?;
         let vocab = int(OP, logits.cols)?;
+        let chunks = logits.cols.div_ceil(LOGIT_CHUNK);
         let s = &self.dev.compute;
         // SAFETY: f64 (any bit pattern valid); the kernel writes every row's fourth value and,
         // where that is 0, the other three, which are the only ones read.
         let mut out = unsafe { s.alloc::<f64>(4 * logits.rows) }.map_err(dev_err(OP))?;
+        // SAFETY: as above; every block writes its four values before the row's last reads them.
+        let mut part = unsafe { s.alloc::<f64>(4 * chunks * logits.rows) }.map_err(dev_err(OP))?;
+        let mut done = s.alloc_zeros::<u32>(logits.rows).map_err(dev_err(OP))?;
+        let chunk = int(OP, LOGIT_CHUNK)?;
         let mut b = self.dev.launch(Kernel::LogitSummary);
-        b.arg(&logits.data).arg(&vocab).arg(&mut out);
+        b.arg(&logits.data)
+            .arg(&vocab)
+            .arg(&chunk)
+            .arg(&mut part)
+            .arg(&mut done)
+            .arg(&mut out);
         let cfg = LaunchConfig {
-            grid_dim: (rows, 1, 1),
-            block_dim: (1024, 1, 1),
+            grid_dim: (grid_dim(OP, chunks, "vocabulary chunks")?, rows, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: logit_summary(logits, vocab, out): logits is rows * vocab floats, out 4 * rows.
+        // SAFETY: logit_summary(logits, vocab, chunk, part, done, out): logits is rows * vocab
+        // floats, the grid ceil(vocab / chunk) blocks per row, part 4 doubles per block, done
+        // one zeroed counter per row, out 4 doubles per row.
         unsafe { b.launch(cfg) }.map_err(dev_err(OP))?;
         let host = s.clone_dtoh(&out).map_err(dev_err(OP))?;
         s.synchronize().map_err(dev_err(OP))?;
