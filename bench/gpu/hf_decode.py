@@ -7,14 +7,23 @@ The model is built from the pack's config.json with random bf16 weights straight
 expert resident, `experts_implementation="grouped_mm"`, greedy generation with the KV cache.
 
     python3 bench/gpu/hf_decode.py --config DIR/config.json [--batch 1] [--prompt-tokens 32]
-        [--new-tokens 128] [--repeats 3]
+        [--new-tokens 128] [--repeats 3] [--rounds N --interleave CMD]
 
 Prints one JSON line: tokens per second of the decode steps (prefill excluded, measured as
 the difference between a 1-token and an N-token generation), per batch, and the device.
+
+With --interleave, the same machine alternates between transformers and our engine: each of
+--rounds rounds measures transformers (best of --repeats, every batch) and then runs CMD (a
+shell command printing `tilectl bench stream --json`'s line), so that both see the same
+host; the line then also holds every round's pair and the median, lowest and highest ratio
+ours / transformers at the first batch. `results` holds the median over rounds per batch.
 """
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -58,6 +67,30 @@ def timed_generate(model, ids, new_tokens):
     return time.perf_counter() - t0
 
 
+def measure(model, vocab, batches, prompt_tokens, new_tokens, repeats):
+    """Decode seconds per step for each batch size: the best of `repeats`."""
+    out = {}
+    for batch in batches:
+        ids = torch.randint(1, vocab, (batch, prompt_tokens), device="cuda")
+        timed_generate(model, ids, 8)  # warm-up: kernels, allocator, autotuning
+        best = None
+        for _ in range(repeats):
+            prefill = timed_generate(model, ids, 1)
+            full = timed_generate(model, ids, new_tokens)
+            decode = (full - prefill) / (new_tokens - 1)
+            best = decode if best is None else min(best, decode)
+        out[batch] = best
+    return out
+
+
+def ours(cmd):
+    """Our engine's decode tokens per second: CMD's last JSON line, its first run."""
+    done = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=True)
+    sys.stderr.write(done.stderr)
+    line = [l for l in done.stdout.splitlines() if l.strip()][-1]
+    return json.loads(line)["runs"][0]["decode_tokens_per_s"]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -66,27 +99,38 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--interleave", default=None)
     a = p.parse_args()
     torch.manual_seed(0)
     model, impl = build(a.config, a.layers)
     vocab = model.config.vocab_size
+    per_round, rounds = [], []
+    for r in range(a.rounds):
+        theirs = measure(model, vocab, a.batch, a.prompt_tokens, a.new_tokens, a.repeats)
+        per_round.append(theirs)
+        if a.interleave:
+            t = a.batch[0] / theirs[a.batch[0]]
+            o = ours(a.interleave)
+            rounds.append(
+                {"round": r, "transformers_tokens_per_s": t, "ours_tokens_per_s": o, "ratio": o / t}
+            )
     results = []
     for batch in a.batch:
-        ids = torch.randint(1, vocab, (batch, a.prompt_tokens), device="cuda")
-        timed_generate(model, ids, 8)  # warm-up: kernels, allocator, autotuning
-        best = None
-        for _ in range(a.repeats):
-            prefill = timed_generate(model, ids, 1)
-            full = timed_generate(model, ids, a.new_tokens)
-            decode = (full - prefill) / (a.new_tokens - 1)
-            best = decode if best is None else min(best, decode)
+        step = statistics.median(m[batch] for m in per_round)
         results.append(
-            {
-                "batch": batch,
-                "decode_s_per_step": best,
-                "decode_tokens_per_s": batch / best,
-            }
+            {"batch": batch, "decode_s_per_step": step, "decode_tokens_per_s": batch / step}
         )
+    extra = {}
+    if a.interleave:
+        ratios = [x["ratio"] for x in rounds]
+        extra = {
+            "ours_command": a.interleave,
+            "rounds": rounds,
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
     print(
         json.dumps(
             {
@@ -99,6 +143,7 @@ def main():
                 "prompt_tokens": a.prompt_tokens,
                 "new_tokens": a.new_tokens,
                 "results": results,
+                **extra,
             }
         ),
         flush=True,

@@ -10,10 +10,13 @@
 # Per preset (default: olmoe-1b-7b qwen3-30b-a3b): synthesizes the model straight into a
 # scratch store as a tile pack, then
 #   * all experts resident: batch 1 (and batch 16 for olmoe-1b-7b), 32-token prompt, 128 new
-#     tokens, greedy;
+#     tokens, greedy, the best of 3 generations (as transformers' figure is);
 #   * olmoe-1b-7b streaming: device expert budget 15% of the expert bytes, host tier holding
 #     every expert (warmed), prefetch depth 0, 1 and 2;
-#   * transformers 5.x from the same config.json, bf16, grouped_mm experts, batch 1 and 16.
+#   * transformers 5.x from the same config.json, bf16, grouped_mm experts, batch 1 and 16;
+#   * batch 1 again, ours and transformers alternating on this machine: ROUNDS (default 3)
+#     rounds of transformers (best of 3) then ours; $OUT/<preset>-interleaved-b1.json holds each
+#     round's pair and the median ratio (ratio_median), the firmer of the two comparisons.
 # qwen3-30b-a3b keeps 24 of its 48 layers: its 61 GB checkpoint and pack would not fit the
 # 64 GiB disk (every layer keeps its real shapes; transformers gets the same 24 layers).
 # Every result is one JSON line in $OUT/<preset>-*.json.
@@ -45,7 +48,7 @@ for preset in "${presets[@]}"; do
     [ "$preset" = olmoe-1b-7b ] && batches=(1 16)
     for b in "${batches[@]}"; do
         "$TILECTL" bench stream "$preset" --device cuda --batch "$b" --tokens 128 \
-            --prompt-tokens 32 --prefetch-depths 0 --warm --json \
+            --prompt-tokens 32 --prefetch-depths 0 --warm --repeats 3 --json \
             >"$OUT/$preset-resident-b$b.json" 2>>"$OUT/$preset-log.txt"
     done
     if [ "$preset" = olmoe-1b-7b ]; then
@@ -58,5 +61,10 @@ for preset in "${presets[@]}"; do
     fi
     python3 bench/gpu/hf_decode.py --config "$STATE/models/$preset/config.json" \
         --layers "$hf_layers" --batch "${batches[@]}" >"$OUT/$preset-hf.json" 2>>"$OUT/$preset-log.txt"
+    ours_b1="$TILECTL bench stream $preset --device cuda --batch 1 --tokens 128 --prompt-tokens 32"
+    ours_b1+=" --prefetch-depths 0 --warm --repeats 3 --json"
+    python3 bench/gpu/hf_decode.py --config "$STATE/models/$preset/config.json" \
+        --layers "$hf_layers" --batch 1 --rounds "${ROUNDS:-3}" --interleave "$ours_b1" \
+        >"$OUT/$preset-interleaved-b1.json" 2>>"$OUT/$preset-log.txt"
     "$TILECTL" --offline model rm "$preset" >/dev/null 2>&1 || rm -rf "$STATE/models/$preset"
 done

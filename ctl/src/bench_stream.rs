@@ -40,8 +40,10 @@ struct DepthRun {
     /// Wall seconds of the whole generation (prefill included).
     seconds: f64,
     tokens_per_s: f64,
-    /// Decode steps only.
+    /// Decode steps only: the best of the repeats.
     decode_tokens_per_s: f64,
+    /// Each repeat's decode tokens per second, in order.
+    decode_tokens_per_s_repeats: Vec<f64>,
     /// Seconds the forward pass waited for experts, per generated token.
     stall_s_per_token: f64,
     /// This depth's stall over depth 0's (absent without a depth-0 run or when it stalled 0).
@@ -183,12 +185,16 @@ fn measure<B: Backend, M: TierMemory>(
     let requests = requests(&tokenizer, args)?;
     let mut sched = Scheduler::new(model.runner, tokenizer, batch_config(&requests));
     let started = Instant::now();
-    let (results, timing) = generate(&mut sched, &requests, &mut |_, _| {})?;
+    let (mut tokens, mut repeats) = (0, Vec::with_capacity(args.repeats));
+    for _ in 0..args.repeats {
+        let (results, timing) = generate(&mut sched, &requests, &mut |_, _| {})?;
+        tokens += results.iter().map(|r| r.tokens.len()).sum::<usize>();
+        repeats.push(timing.decode_tokens as f64 / timing.decode_seconds.max(1e-9));
+    }
     let seconds = started.elapsed().as_secs_f64();
     let runner = sched.runner();
     let tier = runner.experts().stats();
     let predicted = runner.prefetch_stats();
-    let tokens: usize = results.iter().map(|r| r.tokens.len()).sum();
     let per_token = |x: f64| x / tokens.max(1) as f64;
     let run = DepthRun {
         prefetch_depth: depth,
@@ -196,7 +202,8 @@ fn measure<B: Backend, M: TierMemory>(
         tokens,
         seconds,
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
-        decode_tokens_per_s: timing.decode_tokens as f64 / timing.decode_seconds.max(1e-9),
+        decode_tokens_per_s: repeats.iter().copied().fold(0.0, f64::max),
+        decode_tokens_per_s_repeats: repeats,
         stall_s_per_token: per_token(tier.stall.as_secs_f64()),
         stall_ratio_vs_depth0: None,
         prefetch_issued: tier.prefetch.issued,

@@ -164,6 +164,10 @@ pub struct BenchStreamArgs {
     /// Greedy tokens generated per sequence.
     #[arg(long, default_value_t = 32, value_parser = positive_count)]
     pub tokens: usize,
+    /// Generations of the batch per depth, on the same loaded model: the decode speed
+    /// reported is the best one's (each is listed), the counters cover them all.
+    #[arg(long, default_value_t = 1, value_parser = positive_count)]
+    pub repeats: usize,
     /// Prefetch depths to compare, comma-separated (0: prefetch off).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub prefetch_depths: Vec<usize>,
