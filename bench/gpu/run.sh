@@ -55,7 +55,7 @@ for preset in "${presets[@]}"; do
         expert_bytes=$("$TILECTL" --offline model show "$preset" --json | python3 -c \
             'import json,sys; print(json.load(sys.stdin)["expert_bytes"])')
         "$TILECTL" bench stream "$preset" --device cuda --batch 1 --tokens 128 \
-            --prompt-tokens 32 --prefetch-depths 0,1,2 --warm \
+            --prompt-tokens 32 --prefetch-depths 0,1,2 --cpu-experts never --warm \
             --device-bytes $((expert_bytes * 15 / 100)) --host-bytes $((expert_bytes + (1 << 30))) \
             --json >"$OUT/$preset-stream15-b1.json" 2>>"$OUT/$preset-log.txt"
     fi

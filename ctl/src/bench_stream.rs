@@ -14,7 +14,7 @@ use tileflow_engine::model::{LoadOptions, LoadedModel};
 use tileflow_engine::sampler::SamplingParams;
 use tileflow_engine::sched::Scheduler;
 use tileflow_engine::store::Store;
-use tileflow_engine::tier::TierMemory;
+use tileflow_engine::tier::{CpuExperts, TierMemory};
 use tileflow_engine::tokenizer::TextTokenizer;
 use tileflow_gpu::{ComputeDevice, UseModel};
 
@@ -33,6 +33,8 @@ const DEFAULT_PROMPTS: [&str; 4] = [
 #[derive(Debug, Clone, Serialize)]
 struct DepthRun {
     prefetch_depth: usize,
+    /// Hybrid mode: which device-tier misses the CPU computed ("auto", "never", "always").
+    cpu_experts: &'static str,
     /// Prompt tokens, all sequences.
     prompt_tokens: usize,
     /// Tokens generated, all sequences.
@@ -62,6 +64,19 @@ struct DepthRun {
     h2d_bytes_per_token: f64,
     device_hits: u64,
     device_misses: u64,
+    /// Experts run from the device tier, per generated token.
+    device_experts_per_token: f64,
+    /// Experts the CPU ran from the host tier, per generated token.
+    cpu_experts_per_token: f64,
+    /// Weight bytes the CPU read, per generated token.
+    cpu_bytes_per_token: f64,
+    /// The hybrid cost model's estimates at the end: CPU expert weight bytes per second and
+    /// host → device bytes per second.
+    cost_model_cpu_bytes_per_s: f64,
+    cost_model_copy_bytes_per_s: f64,
+    /// With --cpu-bandwidth: the CPU kernels against a plain read of the host tier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_bandwidth: Option<crate::bench_cpu::CpuBandwidth>,
 }
 
 /// The whole report.
@@ -88,16 +103,23 @@ pub fn run(state_dir: &Path, args: BenchStreamArgs) -> anyhow::Result<()> {
     let mut runs = Vec::with_capacity(args.prefetch_depths.len());
     let mut backend = String::new();
     for &depth in &args.prefetch_depths {
-        let (run, name) = run_depth(&store, &device, &args, depth)
-            .with_context(|| format!("prefetch depth {depth}"))?;
-        backend = name;
-        if !args.json {
-            eprintln!(
-                "depth {depth}: {} tokens in {:.2} s",
-                run.tokens, run.seconds
-            );
+        for &mode in &args.cpu_experts {
+            let mode = mode.into();
+            let (run, name) =
+                run_depth(&store, &device, &args, depth, mode).with_context(|| {
+                    format!("prefetch depth {depth}, cpu experts {}", mode.as_str())
+                })?;
+            backend = name;
+            if !args.json {
+                eprintln!(
+                    "depth {depth}, cpu experts {}: {} tokens in {:.2} s",
+                    mode.as_str(),
+                    run.tokens,
+                    run.seconds
+                );
+            }
+            runs.push(run);
         }
-        runs.push(run);
     }
     let base = runs
         .iter()
@@ -132,8 +154,10 @@ fn run_depth(
     device: &ComputeDevice,
     args: &BenchStreamArgs,
     depth: usize,
+    mode: CpuExperts,
 ) -> anyhow::Result<(DepthRun, String)> {
     let mut options = LoadOptions::default();
+    options.tier.cpu_experts = mode;
     options.tier.device_slots = args.expert_slots;
     options.tier.device_bytes = args.device_bytes;
     if let Some(host) = args.host_bytes {
@@ -150,13 +174,19 @@ fn run_depth(
         options.tier.prefetch_rate_bytes = rate;
     }
     options.threads = args.threads;
-    device.open_model(store, &args.model, &options, DepthBench { args, depth })?
+    device.open_model(
+        store,
+        &args.model,
+        &options,
+        DepthBench { args, depth, mode },
+    )?
 }
 
 /// Generates the batch on an opened model and measures it (one prefetch depth's run).
 struct DepthBench<'a> {
     args: &'a BenchStreamArgs,
     depth: usize,
+    mode: CpuExperts,
 }
 
 impl UseModel for DepthBench<'_> {
@@ -167,7 +197,7 @@ impl UseModel for DepthBench<'_> {
         B: Backend + 'static,
         M: TierMemory + 'static,
     {
-        measure(model, self.args, self.depth)
+        measure(model, self.args, self.depth, self.mode)
     }
 }
 
@@ -176,8 +206,10 @@ fn measure<B: Backend, M: TierMemory>(
     mut model: LoadedModel<B, M>,
     args: &BenchStreamArgs,
     depth: usize,
+    mode: CpuExperts,
 ) -> anyhow::Result<(DepthRun, String)> {
     model.runner.set_prefetch_depth(depth);
+    model.runner.set_cpu_experts(mode);
     if args.warm {
         model.runner.experts_mut().warm()?;
     }
@@ -198,6 +230,7 @@ fn measure<B: Backend, M: TierMemory>(
     let per_token = |x: f64| x / tokens.max(1) as f64;
     let run = DepthRun {
         prefetch_depth: depth,
+        cpu_experts: mode.as_str(),
         prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(),
         tokens,
         seconds,
@@ -217,6 +250,16 @@ fn measure<B: Backend, M: TierMemory>(
         h2d_bytes_per_token: per_token(tier.h2d_bytes as f64),
         device_hits: tier.device.hits,
         device_misses: tier.device.misses,
+        device_experts_per_token: per_token(tier.ran_device.experts as f64),
+        cpu_experts_per_token: per_token(tier.ran_host.experts as f64),
+        cpu_bytes_per_token: per_token(tier.ran_host.bytes as f64),
+        cost_model_cpu_bytes_per_s: runner.hybrid().cost().rates().0,
+        cost_model_copy_bytes_per_s: runner.hybrid().cost().rates().1,
+        cpu_bandwidth: args.cpu_bandwidth.then(|| {
+            let spec = runner.spec();
+            let views = runner.experts().host_views();
+            crate::bench_cpu::measure(&views, spec.hidden_size, spec.moe.top_k, 2)
+        }),
     };
     Ok((run, runner.backend().name().to_string()))
 }
@@ -267,6 +310,7 @@ fn print_table(report: &Report) {
         .map(|r| {
             vec![
                 r.prefetch_depth.to_string(),
+                r.cpu_experts.to_string(),
                 format!("{:.1}", r.tokens_per_s),
                 format!("{:.3}", r.stall_s_per_token * 1e3),
                 opt(r.stall_ratio_vs_depth0, 2),
@@ -276,12 +320,14 @@ fn print_table(report: &Report) {
                 opt(r.recall, 3),
                 crate::output::human_bytes(r.bytes_read_per_token as u64),
                 crate::output::human_bytes(r.h2d_bytes_per_token as u64),
+                format!("{:.1}", r.cpu_experts_per_token),
             ]
         })
         .collect();
     table(
         &[
             "DEPTH",
+            "CPU EXPERTS",
             "TOK/S",
             "STALL MS/TOK",
             "STALL/DEPTH0",
@@ -291,6 +337,7 @@ fn print_table(report: &Report) {
             "RECALL",
             "READ/TOK",
             "H2D/TOK",
+            "CPU RUNS/TOK",
         ],
         &rows,
     );

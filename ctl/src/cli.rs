@@ -171,6 +171,10 @@ pub struct BenchStreamArgs {
     /// Prefetch depths to compare, comma-separated (0: prefetch off).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
     pub prefetch_depths: Vec<usize>,
+    /// Hybrid modes to compare at each depth, comma-separated: which device-tier misses the
+    /// CPU computes from the host tier (auto, never, always).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub cpu_experts: Vec<CpuExpertsArg>,
     /// Bytes of device-tier expert slots [default: every expert resident].
     #[arg(long, value_name = "SIZE", value_parser = byte_size)]
     pub device_bytes: Option<u64>,
@@ -206,6 +210,31 @@ pub struct BenchStreamArgs {
     /// what fits, the host tier the rest that fits; the counters start afterwards).
     #[arg(long)]
     pub warm: bool,
+    /// After each run, measure the CPU expert kernels against a plain read of the same
+    /// host-tier slots (best of two passes each).
+    #[arg(long)]
+    pub cpu_bandwidth: bool,
+}
+
+/// `--cpu-experts`: which device-tier misses the CPU computes from the host tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuExpertsArg {
+    /// As many per step as let the CPU and the copies finish together (GPU backends).
+    Auto,
+    /// None: every selected expert is copied to the device.
+    Never,
+    /// Every host-tier miss.
+    Always,
+}
+
+impl From<CpuExpertsArg> for tileflow_engine::tier::CpuExperts {
+    fn from(c: CpuExpertsArg) -> Self {
+        match c {
+            CpuExpertsArg::Auto => Self::Auto,
+            CpuExpertsArg::Never => Self::Never,
+            CpuExpertsArg::Always => Self::Always,
+        }
+    }
 }
 
 /// A storage backend `bench io` measures.
@@ -334,6 +363,10 @@ pub struct GenerateArgs {
     /// Routed-expert slots in memory, at least 1 (default: every expert resident).
     #[arg(long, value_name = "N", value_parser = positive_count)]
     pub expert_slots: Option<usize>,
+    /// Which device-tier misses the CPU computes from the host tier (offline; default:
+    /// auto, which on the CPU backend is never).
+    #[arg(long, value_enum)]
+    pub cpu_experts: Option<CpuExpertsArg>,
     /// Print the result as JSON (offline: tokens, logprobs, timings; through the daemon: the
     /// completion objects).
     #[arg(long)]

@@ -4,6 +4,7 @@
 //! forms of the model commands and `run` that act on the store directly (`--offline`,
 //! `--state-dir`), a `demo` that starts its own daemon, and `bench`, which measures the machine.
 
+mod bench_cpu;
 mod bench_io;
 mod bench_stream;
 mod chat;

@@ -92,7 +92,8 @@ fn generate_and_print<B: Backend, M: TierMemory>(
             "choices": choices,
             "timing": timing,
             "expert_cache": {"slots": runner.experts().capacity(), "hits": stats.device.hits,
-                             "misses": stats.device.misses, "evictions": stats.device_evictions, "bytes_read": stats.bytes_read},
+                             "misses": stats.device.misses, "evictions": stats.device_evictions, "bytes_read": stats.bytes_read,
+                             "ran_on_device": stats.ran_device.experts, "ran_on_cpu": stats.ran_host.experts},
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {
@@ -149,6 +150,9 @@ fn open_and_generate(
     let store = Store::new(state_dir);
     let mut options = LoadOptions::default();
     options.tier.device_slots = g.expert_slots;
+    if let Some(mode) = g.cpu_experts {
+        options.tier.cpu_experts = mode.into();
+    }
     let device = crate::device::open(device)?;
     let generation = Generation {
         prompts,

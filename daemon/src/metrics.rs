@@ -113,6 +113,11 @@ pub struct Metrics {
     pub resident_bytes: Family<TierLabels, Gauge>,
     /// Bytes copied host → device.
     pub h2d_bytes: Counter,
+    /// Routed experts run, by the tier they ran from: the device tier (by the backend) or
+    /// the host tier (by the CPU kernels, hybrid execution).
+    pub experts_run: Family<TierLabels, Counter>,
+    /// Weight bytes of the routed experts run, by tier.
+    pub expert_run_bytes: Family<TierLabels, Counter>,
     /// Prefetched experts by outcome.
     pub prefetch: Family<PrefetchLabels, Counter>,
     /// Each wait of the forward pass for an expert.
@@ -148,6 +153,8 @@ impl Metrics {
             bytes_read: Family::default(),
             resident_bytes: Family::default(),
             h2d_bytes: Counter::default(),
+            experts_run: Family::default(),
+            expert_run_bytes: Family::default(),
             prefetch: Family::default(),
             // 100µs × 2^k: up to 13s in 18 buckets, then +Inf.
             expert_stall: Histogram::new(exponential_buckets(1e-4, 2.0, 18)),
@@ -228,6 +235,18 @@ impl Metrics {
             m.h2d_bytes.clone(),
         );
         r.register(
+            "experts_run",
+            "Routed experts run, by the tier they ran from: device (the backend) or host (the \
+             CPU, hybrid execution)",
+            m.experts_run.clone(),
+        );
+        // Named in full, like h2d_bytes.
+        r.register(
+            "expert_run_bytes",
+            "Weight bytes of the routed experts run, by the tier they ran from",
+            m.expert_run_bytes.clone(),
+        );
+        r.register(
             "prefetch",
             "Prefetched routed experts by outcome: used, wasted (evicted unused) or late",
             m.prefetch.clone(),
@@ -256,6 +275,8 @@ impl Metrics {
                     .get_or_create(&LookupLabels { tier, result });
             }
             let _ = m.resident_bytes.get_or_create(&TierLabels { tier });
+            let _ = m.experts_run.get_or_create(&TierLabels { tier });
+            let _ = m.expert_run_bytes.get_or_create(&TierLabels { tier });
         }
         for outcome in [
             PrefetchOutcome::used,
@@ -307,6 +328,18 @@ impl Metrics {
         }
         self.h2d_bytes
             .inc_by(now.h2d_bytes.saturating_sub(last.h2d_bytes));
+        for (tier, before, after) in [
+            (Tier::device, last.ran_device, now.ran_device),
+            (Tier::host, last.ran_host, now.ran_host),
+        ] {
+            let labels = TierLabels { tier };
+            self.experts_run
+                .get_or_create(&labels)
+                .inc_by(after.experts.saturating_sub(before.experts));
+            self.expert_run_bytes
+                .get_or_create(&labels)
+                .inc_by(after.bytes.saturating_sub(before.bytes));
+        }
         let (b, a) = (last.prefetch, now.prefetch);
         for (outcome, before, after) in [
             (PrefetchOutcome::used, b.used, a.used),
@@ -357,6 +390,8 @@ mod tests {
         now.device.misses = 2;
         now.host.hits = 1;
         now.prefetch.wasted = 3;
+        now.ran_host.experts = 2;
+        now.ran_host.bytes = 6000;
         m.record_cache(&TierStats::default(), &now);
         m.observe_stalls(&[Duration::from_micros(150)]);
         m.set_resident_bytes(4096, 0);
@@ -367,6 +402,9 @@ mod tests {
             "tileflow_tile_bytes_read_total{source=\"io_uring\"} 8192",
             "tileflow_h2d_bytes_total 4096",
             "tileflow_prefetch_total{outcome=\"wasted\"} 3",
+            "tileflow_experts_run_total{tier=\"host\"} 2",
+            "tileflow_experts_run_total{tier=\"device\"} 0",
+            "tileflow_expert_run_bytes_total{tier=\"host\"} 6000",
             "tileflow_prefetch_total{outcome=\"late\"} 0",
             "tileflow_tile_checksum_failures_total 1",
             "tileflow_tile_read_failures_total 0",

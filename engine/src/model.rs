@@ -309,7 +309,8 @@ impl<B: Backend, M: TierMemory> LoadedModel<B, M> {
                 model: name.to_string(),
                 source,
             })?
-            .with_prefetch_depth(options.tier.prefetch_depth);
+            .with_prefetch_depth(options.tier.prefetch_depth)
+            .with_cpu_experts(options.tier.cpu_experts);
         Ok(LoadedModel {
             name: name.to_string(),
             dir: stored.dir,

@@ -361,7 +361,7 @@ impl ModelSpec {
                 return fault(field, "must be positive".into());
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fault(
                 "num_kv_heads",
                 format!(
@@ -370,7 +370,7 @@ impl ModelSpec {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return fault(
                 "head_dim",
                 format!("must be even for rotary embeddings, got {}", self.head_dim),

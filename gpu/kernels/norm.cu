@@ -32,8 +32,14 @@ __device__ void rms_group(const float* x, const float* delta, float* x_sum, cons
                     xv[j].y += d.y;
                     xv[j].z += d.z;
                     xv[j].w += d.w;
-                    if (x_sum != nullptr) *(float4*)(x_sum + i) = xv[j];
                 }
+            }
+        }
+        if (x_sum != nullptr) {
+#pragma unroll
+            for (int j = 0; j < NORM_VEC; j++) {
+                const int i = (threadIdx.x + j * blockDim.x) * 4;
+                if (i < g) *(float4*)(x_sum + i) = xv[j];
             }
         }
 #pragma unroll

@@ -564,7 +564,7 @@ fn experts_match_from_host_bytes_and_from_vram_slots() {
         // some none, expert 4 every row.
         let assignment = |e: usize| -> Vec<usize> {
             (0..rows)
-                .filter(|r| e == 4 || (r * 7 + e) % 3 == 0)
+                .filter(|r| e == 4 || (r * 7 + e).is_multiple_of(3))
                 .collect()
         };
         let work = |device: bool| -> Vec<ExpertWork<'_>> {

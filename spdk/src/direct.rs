@@ -59,7 +59,7 @@ pub fn read_full(
                 done += n;
                 // A read that stops inside a block under O_DIRECT met the end of the file; the
                 // next read would start unaligned and fail with EINVAL, so say so now.
-                if done < want && done % crate::aligned::DMA_ALIGN != 0 {
+                if done < want && !done.is_multiple_of(crate::aligned::DMA_ALIGN) {
                     let file_len = file.metadata().map_or(offset + done as u64, |m| m.len());
                     if file_len <= offset + done as u64 {
                         return Err(StorageError::ShortFile {

@@ -113,14 +113,14 @@ impl DmaArena {
         count: usize,
     ) -> Result<(DmaArena, Vec<DmaBuf>), DmaError> {
         let total = piece.checked_mul(count);
-        if piece == 0 || piece % DMA_ALIGN != 0 || total.is_none_or(|t| t > mem.len()) {
+        if piece == 0 || !piece.is_multiple_of(DMA_ALIGN) || total.is_none_or(|t| t > mem.len()) {
             return Err(DmaError::Layout {
                 piece,
                 count,
                 len: mem.len(),
             });
         }
-        if mem.as_ptr() as usize % DMA_ALIGN != 0 {
+        if !(mem.as_ptr() as usize).is_multiple_of(DMA_ALIGN) {
             return Err(DmaError::Misaligned);
         }
         let inner = Arc::new(ArenaInner {
@@ -221,7 +221,7 @@ impl DmaBuf {
     /// Splits into `[0, at)` and `[at, len)`; `at` must be a multiple of [`DMA_ALIGN`] inside the
     /// buffer, otherwise the buffer comes back unchanged as the error.
     pub fn split_at(self, at: usize) -> Result<(DmaBuf, DmaBuf), DmaBuf> {
-        if at == 0 || at >= self.len || at % DMA_ALIGN != 0 {
+        if at == 0 || at >= self.len || !at.is_multiple_of(DMA_ALIGN) {
             return Err(self);
         }
         let tail = DmaBuf {
@@ -247,6 +247,31 @@ impl DmaBuf {
             arena: self.arena,
             offset: self.offset,
             len: self.len + next.len,
+        })
+    }
+
+    /// One slice over buffers that lie back to back in one arena (`bufs[i + 1]` directly after
+    /// `bufs[i]`), borrowed as long as they are: a slot split into tiles read as a whole.
+    /// `None` for no buffers or buffers that are not adjacent.
+    pub fn span<'a>(bufs: &[&'a DmaBuf]) -> Option<&'a [u8]> {
+        let first = bufs.first()?;
+        let mut end = first.offset;
+        for b in bufs {
+            if !Arc::ptr_eq(&b.arena, &first.arena) || b.offset != end {
+                return None;
+            }
+            end += b.len;
+        }
+        // SAFETY: [first.offset, end) is the union of the listed buffers' ranges (each starts
+        // where the one before ends, all in the same arena, inside its memory, which lives as
+        // long as `first.arena`, so while the borrows do). Each buffer is the unique handle to
+        // its range and is borrowed shared for 'a, so no `&mut` to any part of the span can
+        // exist while the returned slice lives.
+        Some(unsafe {
+            std::slice::from_raw_parts(
+                first.arena.mem.as_ptr().add(first.offset),
+                end - first.offset,
+            )
         })
     }
 
@@ -283,6 +308,25 @@ impl DerefMut for DmaBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn span_covers_adjacent_tiles_only() {
+        let mem = LockedBuf::new(4 * DMA_ALIGN).unwrap();
+        let (_arena, mut bufs) = DmaArena::new(Box::new(mem), 2 * DMA_ALIGN, 2).unwrap();
+        let second = bufs.pop().unwrap();
+        let (mut a, mut b) = bufs.pop().unwrap().split_at(DMA_ALIGN).unwrap();
+        a[0] = 1;
+        b[0] = 2;
+        let whole = DmaBuf::span(&[&a, &b]).unwrap();
+        assert_eq!(
+            (whole.len(), whole[0], whole[DMA_ALIGN]),
+            (2 * DMA_ALIGN, 1, 2)
+        );
+        assert!(DmaBuf::span(&[&b, &a]).is_none());
+        assert!(DmaBuf::span(&[&a, &second]).is_none());
+        assert!(DmaBuf::span(&[&a, &b, &second]).is_some());
+        assert!(DmaBuf::span(&[]).is_none());
+    }
 
     fn arena(pieces: usize) -> (DmaArena, Vec<DmaBuf>) {
         let mem = LockedBuf::new(pieces * 2 * DMA_ALIGN).unwrap();

@@ -362,7 +362,7 @@ fn check(files: &[QueueFile], req: ReadRequest) -> Result<ReadRequest, ReadCompl
         return Err(fail(req, err));
     };
     let blocks = req.len.div_ceil(DMA_ALIGN) * DMA_ALIGN;
-    let reason = if req.offset % DMA_ALIGN as u64 != 0 {
+    let reason = if !req.offset.is_multiple_of(DMA_ALIGN as u64) {
         Some(format!("the offset is not a multiple of {DMA_ALIGN}"))
     } else if req.buf.len() < blocks {
         Some(format!(

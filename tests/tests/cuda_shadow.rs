@@ -203,6 +203,12 @@ impl Backend for Shadow {
         self.compare("add_gated", &o.0, &o.1);
         Ok(())
     }
+    fn add(&self, x: &mut Pair, y: &Pair) -> Result<(), BackendError> {
+        self.cpu.add(&mut x.0, &y.0)?;
+        self.gpu.add(&mut x.1, &y.1)?;
+        self.compare("add", &x.0, &x.1);
+        Ok(())
+    }
     fn zeros(&self, r: usize, c: usize) -> Result<Pair, BackendError> {
         Ok((self.cpu.zeros(r, c)?, self.gpu.zeros(r, c)?))
     }

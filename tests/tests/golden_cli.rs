@@ -95,6 +95,18 @@ fn tilectl_run_matches_transformers() {
                 "{family}: expert slot budget changed the output"
             );
             assert!(small["expert_cache"]["evictions"].as_u64().unwrap() > 0);
+            // Hybrid execution forced on: every device-tier miss found in the host tier runs
+            // on the CPU kernels from its host slot (sums in another order: the golden
+            // tokens and logprobs within the tolerance, not the bytes of the run above).
+            args.extend(["--cpu-experts", "always"]);
+            let hybrid = run_json(s, &args);
+            check(family, case, &hybrid["choices"][0]);
+            let ran_on_cpu = hybrid["expert_cache"]["ran_on_cpu"].as_u64().unwrap();
+            assert!(
+                ran_on_cpu > 0,
+                "{family}: no expert ran on the CPU: {hybrid}"
+            );
+            assert!(hybrid["expert_cache"]["ran_on_device"].as_u64().unwrap() > 0);
         }
         // All text prompts as one batch.
         let mut args = vec!["run", family];

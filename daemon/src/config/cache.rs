@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
-use tileflow_engine::tier::{EvictionPolicy, TierConfig, Verify};
+use tileflow_engine::tier::{CpuExperts, EvictionPolicy, TierConfig, Verify};
 use tileflow_spdk::{BackendChoice, IoConfig};
 
 use super::units::ByteSize;
@@ -61,6 +61,31 @@ pub struct CacheConfig {
     /// Experts pinned in the device tier from load on.
     #[serde(deserialize_with = "pin_list")]
     pub pin: Vec<ExpertPin>,
+    /// Hybrid execution: device-tier misses computed on the CPU from the host tier.
+    pub cpu_experts: CacheCpuExperts,
+}
+
+/// `cache.cpu_experts`: which device-tier misses the CPU computes from the host tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheCpuExperts {
+    /// As many as the cost model says (on a GPU backend).
+    #[default]
+    Auto,
+    /// None.
+    Never,
+    /// Every host-tier miss.
+    Always,
+}
+
+impl From<CacheCpuExperts> for CpuExperts {
+    fn from(c: CacheCpuExperts) -> CpuExperts {
+        match c {
+            CacheCpuExperts::Auto => CpuExperts::Auto,
+            CacheCpuExperts::Never => CpuExperts::Never,
+            CacheCpuExperts::Always => CpuExperts::Always,
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -77,6 +102,7 @@ impl Default for CacheConfig {
             prefetch_rate: ByteSize(tier.prefetch_rate_bytes),
             prefetch_burst: ByteSize(tier.prefetch_burst_bytes),
             pin: Vec::new(),
+            cpu_experts: CacheCpuExperts::Auto,
         }
     }
 }
@@ -179,6 +205,7 @@ impl Config {
             prefetch_depth: c.prefetch_depth,
             prefetch_rate_bytes: c.prefetch_rate.bytes(),
             prefetch_burst_bytes: c.prefetch_burst.bytes(),
+            cpu_experts: c.cpu_experts.into(),
         }
     }
 }
@@ -186,7 +213,7 @@ impl Config {
 impl CacheConfig {
     pub(super) fn validate(&self) -> Result<(), InvalidValue> {
         let tile = self.tile_size.bytes();
-        if tile == 0 || tile % TILE_ALIGN != 0 {
+        if tile == 0 || !tile.is_multiple_of(TILE_ALIGN) {
             return Err(invalid(
                 "cache.tile_size",
                 format_args!(

@@ -111,6 +111,7 @@ pub const KEYS: &[ConfigKey] = &[
     per_load("cache.prefetch_rate", "Prefetch pacing, per loaded model: bytes per second the token bucket refills\n(\"2GB\" reads as 2 GB/s); 0: no rate limit, only cache.prefetch_burst. Demand\nreads never wait for the bucket."),
     per_load("cache.prefetch_burst", "Prefetch bytes in flight at most per loaded model (the token bucket's depth); at\nleast cache.tile_size while prefetch is on."),
     per_load("cache.pin", "Experts kept in the device tier from load on and never evicted, as\n\"LAYER:EXPERT\" strings: [\"0:3\", \"1:7\"] (or \"0:3,1:7\" in the environment).\nPinned slots count against the device budget of every model loaded."),
+    per_load("cache.cpu_experts", "Hybrid execution: selected experts that miss the device tier but sit in the host\ntier run on the CPU from their host slots. \"auto\": as many per step as let the\nCPU and the copies to the GPU finish together (a cost model measured as it runs;\nnever on the CPU backend), \"never\", or \"always\" (every host-tier miss)."),
     per_load("storage.backend", "Storage backend reading experts.tiles: \"auto\" (io_uring when the kernel allows\nit, else pread), \"io_uring\" (a model fails to load without it) or \"pread\"."),
     per_load("storage.queue_depth", "Reads in flight at most per loaded model (io_uring ring size, pread threads),\n1 to 4096."),
     per_load("storage.sqpoll", "io_uring: a kernel thread polls the submission queue (IORING_SETUP_SQPOLL);\nlower latency for a busy CPU core."),

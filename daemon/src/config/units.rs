@@ -46,7 +46,10 @@ impl fmt::Display for ByteSize {
             ("MB", 1000 * 1000),
             ("KB", 1000),
         ];
-        match units.iter().find(|(_, m)| self.0 != 0 && self.0 % m == 0) {
+        match units
+            .iter()
+            .find(|(_, m)| self.0 != 0 && self.0.is_multiple_of(*m))
+        {
             Some((name, m)) => write!(f, "{}{name}", self.0 / m),
             None => write!(f, "{}B", self.0),
         }

@@ -26,7 +26,7 @@ pub fn same_shape(
 /// An RMSNorm (`op`) of rows of `cols` by a weight of `weight` elements: one group per weight
 /// width, so the width must divide the rows.
 pub fn norm(op: &'static str, cols: usize, weight: usize) -> Result<(), BackendError> {
-    if weight == 0 || cols % weight != 0 {
+    if weight == 0 || !cols.is_multiple_of(weight) {
         return Err(shape_err(
             op,
             format!("weight of {weight} does not divide rows of {cols}"),

@@ -536,6 +536,15 @@ pub trait Backend: std::fmt::Debug {
         gate_logit: &Self::Act,
     ) -> Result<(), BackendError>;
 
+    /// `x += y`, elementwise (same shapes).
+    fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<(), BackendError>;
+
+    /// Whether the backend computes in host memory with the host's CPU (then hybrid
+    /// execution has nothing to split: see [`crate::tier::CpuExperts::Auto`]).
+    fn computes_on_host(&self) -> bool {
+        false
+    }
+
     /// A `[rows, cols]` activation of zeros.
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Act, BackendError>;
 

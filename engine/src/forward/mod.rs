@@ -12,13 +12,15 @@
 
 mod attention;
 mod error;
+mod hybrid;
 mod moe;
 mod prefetch;
 #[cfg(test)]
 mod tests;
 
 pub use error::EngineError;
-pub use moe::{ExpertProvider, InMemoryExperts};
+pub use hybrid::{CostModel, Hybrid};
+pub use moe::{ExpertProvider, InMemoryExperts, Placement};
 pub use prefetch::{PredictionCounts, PrefetchStats};
 
 use crate::backend::{AttentionPlan, Backend, ChunkAttention, HostMatrix};
@@ -102,6 +104,8 @@ pub struct ModelRunner<B: Backend, P> {
     /// Per chunk of the last step, its logits' summary when the backend computed it and the
     /// chunk asked for one row (see [`ModelRunner::logit_summaries`]).
     summaries: Vec<Option<LogitSummary>>,
+    /// Hybrid execution of device-tier misses on the CPU.
+    hybrid: Hybrid,
 }
 
 /// The per-step layout of the batch: flattened tokens and where each chunk lies.
@@ -158,6 +162,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             pool,
             tables: None,
             summaries: Vec::new(),
+            hybrid: Hybrid::default(),
         })
     }
 
@@ -198,6 +203,22 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
     /// hints. 0 turns prefetching off (no extra router GEMMs, no hints, no counting).
     pub fn set_prefetch_depth(&mut self, depth: usize) {
         self.prefetch.set_depth(depth);
+    }
+
+    /// Hybrid execution: which device-tier misses the CPU computes from the host tier.
+    pub fn set_cpu_experts(&mut self, mode: crate::tier::CpuExperts) {
+        self.hybrid = Hybrid::new(mode);
+    }
+
+    /// As [`ModelRunner::set_cpu_experts`], by value.
+    pub fn with_cpu_experts(mut self, mode: crate::tier::CpuExperts) -> Self {
+        self.set_cpu_experts(mode);
+        self
+    }
+
+    /// Hybrid execution's mode and cost model.
+    pub fn hybrid(&self) -> &Hybrid {
+        &self.hybrid
     }
 
     /// As [`ModelRunner::set_prefetch_depth`], by value.
@@ -394,6 +415,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
             pool,
             prefetch,
             tables,
+            hybrid,
             ..
         } = self;
         let eps = spec.rms_norm_eps;
@@ -494,6 +516,7 @@ impl<B: Backend, P: ExpertProvider> ModelRunner<B, P> {
                         shared.as_ref(),
                         (step.ids.len(), spec.hidden_size),
                         &step.row_seqs,
+                        hybrid,
                     )?
                 }
             };

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::hybrid::Hybrid;
 use super::EngineError;
 use crate::backend::{Backend, ExpertBytes, ExpertRef, ExpertWork, HostMatrix, Routing};
 use crate::dtype::Dtype;
@@ -46,6 +47,63 @@ pub trait ExpertProvider {
     fn all_resident(&self) -> bool {
         false
     }
+
+    /// Where (layer, expert) is now, without counting a lookup (hybrid execution asks before
+    /// choosing where each selected expert runs). The default: where the backend computes.
+    fn placement(&self, layer: usize, expert: usize) -> Placement {
+        let _ = (layer, expert);
+        Placement::Device
+    }
+
+    /// Hybrid execution: starts making `device` (ascending, at most
+    /// [`ExpertProvider::capacity`]) available where the backend computes, without waiting,
+    /// and keeps `host` (experts [`ExpertProvider::placement`] found in the host tier) where
+    /// [`ExpertProvider::host_expert`] reads them, until the next call. The default prepares
+    /// `device` at once and takes no `host`.
+    fn start(&mut self, layer: usize, device: &[usize], host: &[usize]) -> Result<(), EngineError> {
+        if let Some(&expert) = host.first() {
+            return Err(EngineError::ExpertUnavailable {
+                layer,
+                expert,
+                reason: "this provider has no host tier".into(),
+            });
+        }
+        self.prepare(layer, device)
+    }
+
+    /// Waits until `device` experts of the last [`ExpertProvider::start`] are available
+    /// through [`ExpertProvider::expert`].
+    fn finish(&mut self, layer: usize, device: &[usize]) -> Result<(), EngineError> {
+        let _ = (layer, device);
+        Ok(())
+    }
+
+    /// Bytes of (layer, expert)'s extent, for the hybrid cost model (0 where unknown).
+    fn expert_bytes(&self, layer: usize, expert: usize) -> u64 {
+        let _ = (layer, expert);
+        0
+    }
+
+    /// The host-tier bytes of an expert the last [`ExpertProvider::start`] kept for the CPU.
+    fn host_expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
+        let _ = layer;
+        Err(EngineError::ExpertUnavailable {
+            layer,
+            expert,
+            reason: "this provider has no host tier".into(),
+        })
+    }
+}
+
+/// Where a routed expert is when a step asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Where the backend computes (the device tier): ready now.
+    Device,
+    /// In the host tier only: the CPU can compute it, or it is copied to the device.
+    Host,
+    /// In neither tier: it must be read from storage.
+    Storage,
 }
 
 /// One expert's extent held in memory.
@@ -163,7 +221,7 @@ pub(super) fn swiglu_mlp<B: Backend>(
 }
 
 /// One selected expert with the token rows it gets and their combine weights.
-type ExpertGroup = (usize, (Vec<usize>, Vec<f32>));
+pub(super) type ExpertGroup = (usize, (Vec<usize>, Vec<f32>));
 
 /// The token rows and combine weights each selected expert gets, by ascending expert.
 fn group_by_expert(routing: &Routing) -> BTreeMap<usize, (Vec<usize>, Vec<f32>)> {
@@ -251,7 +309,7 @@ pub(super) fn moe_on_device<B: Backend>(
 }
 
 /// `out += sigmoid(gate·h) * shared(h)` where the layer has a shared expert.
-fn add_shared<B: Backend>(
+pub(super) fn add_shared<B: Backend>(
     backend: &B,
     layer: usize,
     h: &B::Act,
@@ -291,8 +349,26 @@ pub(super) fn moe_experts<B: Backend, P: ExpertProvider>(
     shared: Option<&SharedExpertWeights<B::Weight>>,
     (rows, hidden): (usize, usize),
     row_seqs: &[SeqId],
+    hybrid: &mut Hybrid,
 ) -> Result<B::Act, EngineError> {
     let groups: Vec<_> = group_by_expert(routing).into_iter().collect();
+    let bytes = |e: usize| experts.expert_bytes(layer, e);
+    if let Some(cpu) = hybrid.plan(backend, experts, layer, &groups, bytes) {
+        let sizes: Vec<(usize, u64)> = groups.iter().map(|g| (g.0, bytes(g.0))).collect();
+        let bytes = |e: usize| sizes.iter().find(|s| s.0 == e).map_or(0, |s| s.1);
+        return hybrid
+            .run(
+                backend,
+                experts,
+                layer,
+                h,
+                (&groups, &cpu),
+                hints,
+                shared,
+                bytes,
+            )
+            .map_err(|e| blame(e, &groups, row_seqs));
+    }
     let err = EngineError::at(layer, "experts");
     let mut out = backend.zeros(rows, hidden).map_err(err)?;
     // Experts go in ascending order, as many at a time as the provider can hold; the sum

@@ -233,7 +233,7 @@ impl<'a> Config<'a> {
                 _ => return Err(self.missing(FIELD)),
             },
         };
-        if n == 0 || num_heads % n != 0 {
+        if n == 0 || !num_heads.is_multiple_of(n) {
             return Err(self.invalid(
                 FIELD,
                 format!("must divide num_attention_heads ({num_heads}), got {n}"),
@@ -245,7 +245,7 @@ impl<'a> Config<'a> {
     /// `head_dim`, or hidden_size / num_attention_heads. OLMoE sizes its q/k norm from the
     /// latter, so there a different `head_dim` is a model transformers cannot run.
     fn head_dim(&self, family: Family, hidden: usize, heads: usize) -> Result<usize, SpecError> {
-        let derived = (hidden % heads == 0).then_some(hidden / heads);
+        let derived = hidden.is_multiple_of(heads).then_some(hidden / heads);
         let head_dim = match self.usize_opt("head_dim")? {
             Some(0) => return Err(self.invalid("head_dim", "must be positive")),
             Some(d) => {

@@ -27,6 +27,31 @@ impl EvictionPolicy {
     }
 }
 
+/// Whether selected experts that miss the device tier but sit in the host tier are computed
+/// on the CPU from their host slots (hybrid execution) instead of being copied to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuExperts {
+    /// Per step, as many as the cost model says let the CPU and the copies finish together,
+    /// where the backend computes on a device apart from the host (on the CPU backend, never).
+    #[default]
+    Auto,
+    /// Never: every selected expert is copied to the device tier.
+    Never,
+    /// Every host-tier expert that misses the device tier (tests and benchmarks).
+    Always,
+}
+
+impl CpuExperts {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CpuExperts::Auto => "auto",
+            CpuExperts::Never => "never",
+            CpuExperts::Always => "always",
+        }
+    }
+}
+
 /// Sizes and behaviour of one model's expert tiers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TierConfig {
@@ -60,6 +85,8 @@ pub struct TierConfig {
     pub prefetch_rate_bytes: u64,
     /// Prefetch pacing: most prefetch bytes in flight at once (the bucket's depth).
     pub prefetch_burst_bytes: u64,
+    /// Hybrid execution: which device-tier misses run on the CPU from the host tier.
+    pub cpu_experts: CpuExperts,
 }
 
 impl Default for TierConfig {
@@ -76,6 +103,7 @@ impl Default for TierConfig {
             prefetch_depth: 1,
             prefetch_rate_bytes: 0,
             prefetch_burst_bytes: 256 << 20,
+            cpu_experts: CpuExperts::Auto,
         }
     }
 }
@@ -102,6 +130,15 @@ pub struct PrefetchCounts {
     pub late: u64,
 }
 
+/// Experts run, and the bytes of their weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    /// Experts (one per layer and step that selected it).
+    pub experts: u64,
+    /// Their extents' bytes.
+    pub bytes: u64,
+}
+
 /// Counters of one model's tiers since load (monotonic, except the resident gauges).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TierStats {
@@ -121,6 +158,10 @@ pub struct TierStats {
     pub h2d_bytes: u64,
     /// Prefetch outcomes.
     pub prefetch: PrefetchCounts,
+    /// Experts the backend ran from the device tier.
+    pub ran_device: RunCounts,
+    /// Experts the CPU ran from the host tier (hybrid execution).
+    pub ran_host: RunCounts,
     /// Checksum mismatches found.
     pub checksum_failures: u64,
     /// Read failures (I/O errors, short files).

@@ -36,7 +36,9 @@ mod tests;
 #[cfg(test)]
 mod tests_prefetch;
 
-pub use config::{EvictionPolicy, Lookups, PrefetchCounts, TierConfig, TierStats};
+pub use config::{
+    CpuExperts, EvictionPolicy, Lookups, PrefetchCounts, RunCounts, TierConfig, TierStats,
+};
 pub use memory::{TierMemory, TierMemoryError};
 
 use fill::Fill;
@@ -210,6 +212,8 @@ pub struct ExpertCache<M: TierMemory = CpuTierMemory> {
     pacer: PrefetchPacer,
     /// Experts of the latest prepare call: never evicted until the next one.
     protected: HashSet<usize>,
+    /// Experts the latest call gave to the CPU: their host slots are kept until the next.
+    host_protected: HashSet<usize>,
     /// Demand fills that failed, waiting for their prepare call to report them.
     failed: HashMap<usize, TierError>,
     pinned: usize,
@@ -234,7 +238,7 @@ impl<M: TierMemory> ExpertCache<M> {
             model: model.clone(),
             reason,
         };
-        if config.tile_size == 0 || config.tile_size % DMA_ALIGN != 0 {
+        if config.tile_size == 0 || !config.tile_size.is_multiple_of(DMA_ALIGN) {
             return Err(config_err(format!(
                 "tile size {} is not a positive multiple of {DMA_ALIGN}",
                 config.tile_size
@@ -327,6 +331,7 @@ impl<M: TierMemory> ExpertCache<M> {
             prefetch_queue: VecDeque::new(),
             pacer: PrefetchPacer::new(config.prefetch_rate_bytes, config.prefetch_burst_bytes, now),
             protected: HashSet::new(),
+            host_protected: HashSet::new(),
             failed: HashMap::new(),
             pinned: 0,
             stats: TierStats {
@@ -444,6 +449,29 @@ impl<M: TierMemory> ExpertCache<M> {
     pub fn is_host_resident(&self, layer: usize, expert: usize) -> bool {
         self.position(layer, expert)
             .is_ok_and(|pos| self.host_index.contains_key(&pos))
+    }
+
+    /// Every expert resident in the host tier, by manifest order, with its host-slot bytes
+    /// (benchmarks of the CPU kernels and of the memory under them).
+    pub fn host_views(&self) -> Vec<ExpertView<'_>> {
+        let mut views: Vec<(usize, ExpertView<'_>)> = self
+            .host_index
+            .iter()
+            .filter_map(|(&pos, &h)| {
+                let extent = self.manifest.experts.get(pos)?;
+                let tiles: Option<Vec<&DmaBuf>> =
+                    self.host.get(h)?.tiles.iter().map(Option::as_ref).collect();
+                let bytes = DmaBuf::span(&tiles?)?.get(..usize::try_from(extent.bytes).ok()?)?;
+                let view = ExpertView {
+                    bytes: ExpertBytes::Host(bytes),
+                    dtype: self.manifest.expert_dtype,
+                    extent,
+                };
+                Some((pos, view))
+            })
+            .collect();
+        views.sort_by_key(|v| v.0);
+        views.into_iter().map(|v| v.1).collect()
     }
 
     /// The bytes of (layer, expert) if it is resident in the device tier, without touching

@@ -50,7 +50,7 @@ impl Usage {
             *f = f.saturating_add(1);
         }
         self.lookups += 1;
-        if self.policy == EvictionPolicy::Lfru && self.lookups % self.decay_every == 0 {
+        if self.policy == EvictionPolicy::Lfru && self.lookups.is_multiple_of(self.decay_every) {
             for f in &mut self.freq {
                 *f /= 2;
             }

@@ -1,10 +1,10 @@
 //! Deciding what to fetch when: demand fills for `prepare`, paced prefetches, victim choice, and
 //! the [`ExpertProvider`] the forward pass calls.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use tileflow_spdk::Priority;
+use tileflow_spdk::{DmaBuf, Priority};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fill::{Digest, Fill, Source};
@@ -12,8 +12,8 @@ use super::{
     DeviceSlot, ExpertCache, TierError, TierMemory, TierMemoryError, TierStats, Verify,
     MAX_STALL_EVENTS,
 };
-use crate::backend::ExpertRef;
-use crate::forward::{EngineError, ExpertProvider};
+use crate::backend::{ExpertBytes, ExpertRef};
+use crate::forward::{EngineError, ExpertProvider, Placement};
 
 /// What the wait for a prepare call found.
 type FetchError = (usize, Box<TierError>);
@@ -130,8 +130,8 @@ impl<M: TierMemory> ExpertCache<M> {
         let host_slot = match (from_host, self.host.is_empty()) {
             (Some(_), _) | (None, true) => None,
             (None, false) => {
-                let none = HashSet::new();
-                match self.usage.victim(self.host.iter().map(|s| s.meta), &none) {
+                let host = self.host.iter().map(|s| s.meta);
+                match self.usage.victim(host, &self.host_protected) {
                     Some(h) => Some(h),
                     None => return false,
                 }
@@ -286,13 +286,37 @@ impl<M: TierMemory> ExpertCache<M> {
     /// Makes every expert of `positions` resident in the device tier, waiting for their fills;
     /// they stay resident until the next call. The first failure is returned with its expert.
     pub(super) fn fetch_all(&mut self, positions: &[usize]) -> Result<(), FetchError> {
+        self.begin(positions, &[]);
+        self.wait_resident(positions)
+    }
+
+    /// Starts a step's layer: `positions` are kept in the device tier (demand fills start for
+    /// those missing) and `host` in their host slots (the CPU reads them) until the next
+    /// call; lookups and runs are counted.
+    pub(super) fn begin(&mut self, positions: &[usize], host: &[usize]) {
+        // The CPU's host slots are kept from the first fill this call may start; the device
+        // set is protected after the fills that completed meanwhile were handled (a queued
+        // prefetch of this set is then still a late one, turned into a demand read).
+        self.host_protected = host.iter().copied().collect();
         self.drain_ready();
         self.protected = positions.iter().copied().collect();
         for &pos in positions {
             self.failed.remove(&pos);
             self.lookup(pos);
+            self.stats.ran_device.experts += 1;
+            self.stats.ran_device.bytes += self.manifest.experts[pos].bytes;
+        }
+        for &pos in host {
+            self.usage.touch(pos);
+            self.stats.ran_host.experts += 1;
+            self.stats.ran_host.bytes += self.manifest.experts[pos].bytes;
         }
         self.pump();
+    }
+
+    /// Waits until every expert of `positions` (begun with [`ExpertCache::begin`]) is
+    /// resident in the device tier. The first failure is returned with its expert.
+    pub(super) fn wait_resident(&mut self, positions: &[usize]) -> Result<(), FetchError> {
         let start = Instant::now();
         let mut blocked = false;
         let result = loop {
@@ -448,26 +472,10 @@ impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
     }
 
     fn prepare(&mut self, layer: usize, experts: &[usize]) -> Result<(), EngineError> {
-        let mut positions = Vec::with_capacity(experts.len());
-        for &expert in experts {
-            let pos = self
-                .position(layer, expert)
-                .map_err(|e| EngineError::ExpertRead {
-                    layer,
-                    expert,
-                    source: Box::new(e),
-                })?;
-            positions.push(pos);
-        }
+        let positions = self.positions(layer, experts)?;
         self.drop_stale_prefetches(layer, &positions);
-        self.fetch_all(&positions).map_err(|(pos, e)| {
-            let expert = self.manifest.experts.get(pos).map_or(0, |x| x.expert);
-            EngineError::ExpertRead {
-                layer,
-                expert,
-                source: e,
-            }
-        })
+        self.fetch_all(&positions)
+            .map_err(|(pos, e)| self.read_error(layer, pos, e))
     }
 
     fn expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
@@ -497,5 +505,92 @@ impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
             .filter_map(|&e| self.position(layer, e).ok())
             .collect();
         self.queue_prefetch(&positions);
+    }
+
+    fn placement(&self, layer: usize, expert: usize) -> Placement {
+        match self.position(layer, expert) {
+            Ok(pos) if self.device_index.contains_key(&pos) => Placement::Device,
+            Ok(pos) if self.host_index.contains_key(&pos) => Placement::Host,
+            _ => Placement::Storage,
+        }
+    }
+
+    fn start(&mut self, layer: usize, device: &[usize], host: &[usize]) -> Result<(), EngineError> {
+        let device = self.positions(layer, device)?;
+        let host = self.positions(layer, host)?;
+        self.drop_stale_prefetches(layer, &device);
+        self.begin(&device, &host);
+        Ok(())
+    }
+
+    fn finish(&mut self, layer: usize, device: &[usize]) -> Result<(), EngineError> {
+        let positions = self.positions(layer, device)?;
+        self.wait_resident(&positions)
+            .map_err(|(pos, e)| self.read_error(layer, pos, e))
+    }
+
+    fn expert_bytes(&self, layer: usize, expert: usize) -> u64 {
+        self.position(layer, expert)
+            .map_or(0, |pos| self.manifest.experts[pos].bytes)
+    }
+
+    fn host_expert(&self, layer: usize, expert: usize) -> Result<ExpertRef<'_>, EngineError> {
+        let unavailable = |reason: &str| EngineError::ExpertUnavailable {
+            layer,
+            expert,
+            reason: reason.into(),
+        };
+        let pos = self
+            .position(layer, expert)
+            .map_err(|_| unavailable("the model has no such expert"))?;
+        if !self.host_protected.contains(&pos) {
+            return Err(unavailable("it was not started for the CPU"));
+        }
+        let slot = self
+            .host_index
+            .get(&pos)
+            .and_then(|&h| self.host.get(h))
+            .ok_or_else(|| unavailable("it is not in the host tier"))?;
+        let tiles: Option<Vec<&DmaBuf>> = slot.tiles.iter().map(Option::as_ref).collect();
+        let extent = &self.manifest.experts[pos];
+        let bytes = tiles
+            .as_deref()
+            .and_then(DmaBuf::span)
+            .and_then(|b| b.get(..usize::try_from(extent.bytes).ok()?))
+            .ok_or_else(|| unavailable("its host slot is being read into"))?;
+        Ok(ExpertRef {
+            bytes: ExpertBytes::Host(bytes),
+            dtype: self.manifest.expert_dtype,
+            gate: extent.gate,
+            up: extent.up,
+            down: extent.down,
+        })
+    }
+}
+
+impl<M: TierMemory> ExpertCache<M> {
+    /// The manifest positions of `experts` of `layer`.
+    fn positions(&self, layer: usize, experts: &[usize]) -> Result<Vec<usize>, EngineError> {
+        experts
+            .iter()
+            .map(|&expert| {
+                self.position(layer, expert)
+                    .map_err(|e| EngineError::ExpertRead {
+                        layer,
+                        expert,
+                        source: Box::new(e),
+                    })
+            })
+            .collect()
+    }
+
+    /// The error of a failed fill of `pos` in `layer`.
+    fn read_error(&self, layer: usize, pos: usize, e: Box<TierError>) -> EngineError {
+        let expert = self.manifest.experts.get(pos).map_or(0, |x| x.expert);
+        EngineError::ExpertRead {
+            layer,
+            expert,
+            source: e,
+        }
     }
 }

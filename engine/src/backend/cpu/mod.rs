@@ -1,14 +1,11 @@
 //! The reference backend: every op in f32 on the host, GEMMs through the `gemm` crate,
 //! threads through rayon.
 //!
-//! Routed experts are computed straight from the bytes the storage tier holds: each step
-//! converts a selected expert's projections to f32 once (an f32 extent whose bytes are
-//! 4-aligned is used in place). We keep no converted copy per slot: the host tier is the
-//! cache, a second f32 copy would triple its memory for bf16 experts and need eviction hooks,
-//! and the conversion is one streaming pass over bytes the GEMM reads anyway.
+//! Routed experts are computed straight from the bytes the storage tier holds, by the CPU
+//! expert kernels ([`ffn`]) that the hybrid mode also runs beside a GPU.
 
 mod attention;
-mod experts;
+pub mod ffn;
 mod matmul;
 mod memory;
 
@@ -17,7 +14,6 @@ pub use self::memory::{CpuCopyDone, CpuTierMemory};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use self::experts::expert_ffn;
 use self::matmul::matmul_nt;
 use super::{check, AttentionPlan, Backend, BackendError, ExpertWork, HostMatrix, Routing};
 use crate::kv::KvLayout;
@@ -316,27 +312,17 @@ impl Backend for CpuBackend {
         out: &mut HostMatrix,
     ) -> Result<(), BackendError> {
         same_shape("experts", x, out)?;
-        // Few busy experts: one at a time, each GEMM threaded. Many: one expert per thread.
-        let threads = rayon::current_num_threads();
-        let results: Vec<Result<Vec<f32>, BackendError>> = if work.len() >= threads {
-            work.par_iter()
-                .map(|w| expert_ffn(x, w, Parallelism::None))
-                .collect()
-        } else {
-            work.iter()
-                .map(|w| expert_ffn(x, w, self.parallelism()))
-                .collect()
-        };
-        let mut order: Vec<usize> = (0..work.len()).collect();
-        order.sort_by_key(|&i| work[i].expert);
-        let results: Vec<Vec<f32>> = results.into_iter().collect::<Result<_, _>>()?;
-        for i in order {
-            let h = out.cols;
-            for (y, &r) in results[i].chunks_exact(h).zip(&work[i].rows) {
-                out.row_mut(r).iter_mut().zip(y).for_each(|(o, v)| *o += v);
-            }
-        }
+        ffn::experts_into(ffn::SimdLevel::current(), x, work, out)
+    }
+
+    fn add(&self, x: &mut HostMatrix, y: &HostMatrix) -> Result<(), BackendError> {
+        same_shape("add", x, y)?;
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
+    }
+
+    fn computes_on_host(&self) -> bool {
+        true
     }
 
     fn add_gated(

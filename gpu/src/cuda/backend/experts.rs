@@ -410,7 +410,7 @@ pub(super) fn run_experts(
     let one_row = x.rows == 1
         && dtype != Dtype::F32
         && one_row_ok
-        && x.cols % 8 == 0
+        && x.cols.is_multiple_of(8)
         && inter % 8 == 0
         && total <= COMBINE_MAX;
     let h = x.cols;

@@ -184,7 +184,7 @@ pub(super) fn norm_linears(
 /// and one to FUSED_LINEARS 16-bit matrices of one type.
 fn one_row3(x: &CudaAct, weights: &[(&CudaWeight, Option<&CudaWeight>)]) -> bool {
     x.rows == 1
-        && x.cols % 8 == 0
+        && x.cols.is_multiple_of(8)
         && (1..=FUSED_LINEARS).contains(&weights.len())
         && weights
             .iter()
@@ -285,7 +285,7 @@ fn gemv(
         int("linear", w.rows)?,
     );
     let dt = dtype_code(w.dtype);
-    if x.rows == 1 && w.dtype != Dtype::F32 && x.cols % 8 == 0 {
+    if x.rows == 1 && w.dtype != Dtype::F32 && x.cols.is_multiple_of(8) {
         let bf = i32::from(w.dtype == Dtype::BF16);
         let cpw = be.one_row_columns(MAX_ONE_ROW_COLUMNS, ONE_ROW_WARPS_PER_SM, |c| {
             w.rows.div_ceil(c)

@@ -540,7 +540,7 @@ impl Backend for CudaBackend {
         table: &RopeTable,
     ) -> Result<(), BackendError> {
         let half = table.inv_freq().len();
-        if positions.len() != x.rows || half == 0 || x.cols % (2 * half) != 0 {
+        if positions.len() != x.rows || half == 0 || !x.cols.is_multiple_of(2 * half) {
             return Err(shape_err(
                 "rope",
                 format!(
@@ -769,6 +769,21 @@ impl Backend for CudaBackend {
             .arg(&cols);
         // SAFETY: add_gated(out, y, g, rows, cols): out and y are rows * cols, g is rows.
         unsafe { b.launch(elementwise(n)) }.map_err(dev_err("add_gated"))?;
+        Ok(())
+    }
+
+    fn add(&self, x: &mut CudaAct, y: &CudaAct) -> Result<(), BackendError> {
+        check::same_shape("add", (x.rows, x.cols), (y.rows, y.cols))?;
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        // add_bias with one row of all n elements: x[i] += y[i].
+        let (one, cols) = (1i32, int("add", n)?);
+        let mut l = self.dev.launch(Kernel::AddBias);
+        l.arg(&mut x.data).arg(&y.data).arg(&one).arg(&cols);
+        // SAFETY: add_bias(x, bias, 1, n): x and y are both n floats (shapes checked).
+        unsafe { l.launch(elementwise(n)) }.map_err(dev_err("add"))?;
         Ok(())
     }
 
