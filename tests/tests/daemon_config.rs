@@ -99,7 +99,7 @@ fn config_default_is_etc_tileflowd_toml_and_parses_back_to_the_defaults() {
     assert_eq!(strip(&from_printed.stdout), strip(&from_empty.stdout));
     let all: toml::Table = toml::from_str(&default.stdout).unwrap();
     let keys: usize = all.values().map(|s| s.as_table().unwrap().len()).sum();
-    assert_eq!(keys, 33, "every key is printed");
+    assert_eq!(keys, 34, "every key is printed");
     assert_eq!(
         all["server"]["socket"].as_str(),
         Some("/run/tileflowd.sock")
