@@ -454,24 +454,26 @@ impl<M: TierMemory> ExpertCache<M> {
     /// Every expert resident in the host tier, by manifest order, with its host-slot bytes
     /// (benchmarks of the CPU kernels and of the memory under them).
     pub fn host_views(&self) -> Vec<ExpertView<'_>> {
-        let mut views: Vec<(usize, ExpertView<'_>)> = self
-            .host_index
-            .iter()
-            .filter_map(|(&pos, &h)| {
-                let extent = self.manifest.experts.get(pos)?;
-                let tiles: Option<Vec<&DmaBuf>> =
-                    self.host.get(h)?.tiles.iter().map(Option::as_ref).collect();
-                let bytes = DmaBuf::span(&tiles?)?.get(..usize::try_from(extent.bytes).ok()?)?;
-                let view = ExpertView {
-                    bytes: ExpertBytes::Host(bytes),
-                    dtype: self.manifest.expert_dtype,
-                    extent,
-                };
-                Some((pos, view))
-            })
-            .collect();
-        views.sort_by_key(|v| v.0);
-        views.into_iter().map(|v| v.1).collect()
+        let mut positions: Vec<usize> = self.host_index.keys().copied().collect();
+        positions.sort_unstable();
+        positions
+            .into_iter()
+            .filter_map(|pos| self.host_view(pos))
+            .collect()
+    }
+
+    /// The host-slot bytes of manifest position `pos`, when it is in the host tier and no
+    /// read into its slot is in flight (the slot's tiles seen as one slice).
+    fn host_view(&self, pos: usize) -> Option<ExpertView<'_>> {
+        let extent = self.manifest.experts.get(pos)?;
+        let slot = self.host.get(*self.host_index.get(&pos)?)?;
+        let tiles: Option<Vec<&DmaBuf>> = slot.tiles.iter().map(Option::as_ref).collect();
+        let bytes = DmaBuf::span(&tiles?)?.get(..usize::try_from(extent.bytes).ok()?)?;
+        Some(ExpertView {
+            bytes: ExpertBytes::Host(bytes),
+            dtype: self.manifest.expert_dtype,
+            extent,
+        })
     }
 
     /// The bytes of (layer, expert) if it is resident in the device tier, without touching

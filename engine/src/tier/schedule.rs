@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use tileflow_spdk::{DmaBuf, Priority};
+use tileflow_spdk::Priority;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fill::{Digest, Fill, Source};
@@ -12,7 +12,7 @@ use super::{
     DeviceSlot, ExpertCache, TierError, TierMemory, TierMemoryError, TierStats, Verify,
     MAX_STALL_EVENTS,
 };
-use crate::backend::{ExpertBytes, ExpertRef};
+use crate::backend::ExpertRef;
 use crate::forward::{EngineError, ExpertProvider, Placement};
 
 /// What the wait for a prepare call found.
@@ -546,24 +546,15 @@ impl<M: TierMemory> ExpertProvider for ExpertCache<M> {
         if !self.host_protected.contains(&pos) {
             return Err(unavailable("it was not started for the CPU"));
         }
-        let slot = self
-            .host_index
-            .get(&pos)
-            .and_then(|&h| self.host.get(h))
-            .ok_or_else(|| unavailable("it is not in the host tier"))?;
-        let tiles: Option<Vec<&DmaBuf>> = slot.tiles.iter().map(Option::as_ref).collect();
-        let extent = &self.manifest.experts[pos];
-        let bytes = tiles
-            .as_deref()
-            .and_then(DmaBuf::span)
-            .and_then(|b| b.get(..usize::try_from(extent.bytes).ok()?))
-            .ok_or_else(|| unavailable("its host slot is being read into"))?;
+        let view = self.host_view(pos).ok_or_else(|| {
+            unavailable("it is not in the host tier (or a read into its slot is in flight)")
+        })?;
         Ok(ExpertRef {
-            bytes: ExpertBytes::Host(bytes),
-            dtype: self.manifest.expert_dtype,
-            gate: extent.gate,
-            up: extent.up,
-            down: extent.down,
+            bytes: view.bytes,
+            dtype: view.dtype,
+            gate: view.extent.gate,
+            up: view.extent.up,
+            down: view.extent.down,
         })
     }
 }
